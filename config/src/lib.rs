@@ -1,0 +1,1 @@
+//! SBC configuration (placeholder until written).

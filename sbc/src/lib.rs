@@ -1,0 +1,2 @@
+//! The SBC (placeholder until written).
+pub mod transport;

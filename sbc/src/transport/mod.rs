@@ -1,0 +1,1 @@
+//! Transports (placeholder until written).

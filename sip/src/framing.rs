@@ -1,0 +1,1 @@
+//! Stream framing (placeholder until written).

@@ -1,0 +1,1 @@
+//! Test peers (placeholder until written).
