@@ -17,3 +17,58 @@
 
 pub mod framing;
 pub mod transaction;
+
+use std::fmt;
+
+/// The transport a SIP message travels over. Kept here (not in the proxy) because Via headers,
+/// URIs and the framing layer all name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Transport {
+    Udp,
+    Tcp,
+    Tls,
+}
+
+impl Transport {
+    /// The token used in a Via sent-protocol (`SIP/2.0/UDP`).
+    pub fn via_token(self) -> &'static str {
+        match self {
+            Transport::Udp => "UDP",
+            Transport::Tcp => "TCP",
+            Transport::Tls => "TLS",
+        }
+    }
+
+    /// The value of a URI `transport=` parameter.
+    pub fn uri_param(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+        }
+    }
+
+    /// Stream transports frame by Content-Length and never retransmit (RFC 3261 17).
+    pub fn is_reliable(self) -> bool {
+        !matches!(self, Transport::Udp)
+    }
+
+    /// Parses a Via or URI transport token, case-insensitively.
+    pub fn from_token(token: &[u8]) -> Option<Transport> {
+        if token.eq_ignore_ascii_case(b"udp") {
+            Some(Transport::Udp)
+        } else if token.eq_ignore_ascii_case(b"tcp") {
+            Some(Transport::Tcp)
+        } else if token.eq_ignore_ascii_case(b"tls") {
+            Some(Transport::Tls)
+        } else {
+            None
+        }
+    }
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.uri_param())
+    }
+}
