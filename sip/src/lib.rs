@@ -72,3 +72,12 @@ impl fmt::Display for Transport {
         f.write_str(self.uri_param())
     }
 }
+
+pub mod addr;
+pub mod edit;
+pub mod message;
+pub mod scan;
+pub mod uri;
+pub mod via;
+
+pub use message::{Header, HeaderName, Message, Method, ParseError, ParseLimits, Span, StartLine};
