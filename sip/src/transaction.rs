@@ -1,1 +1,0 @@
-//! Transactions (placeholder until written).
