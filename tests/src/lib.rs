@@ -1,1 +1,2 @@
 //! Test peers (placeholder until written).
+pub mod kamailio;
