@@ -1,0 +1,122 @@
+//! The file as written: serde structs mirroring the TOML keys one to one.
+//!
+//! Leaf values are kept as `Spanned` text/integers so validation can point
+//! at them; tables are never wrapped in `Spanned` (it fails on implicit
+//! tables such as `general.name = "x"` at the top level) — their positions
+//! come from [`crate::locate::Index`] instead. Enumerations, addresses and
+//! numbers are parsed in [`crate::validate`], so every message is ours and
+//! names the accepted values and ranges.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+pub(crate) type Text = Spanned<String>;
+pub(crate) type Int = Spanned<i64>;
+pub(crate) type TextList = Spanned<Vec<Text>>;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    #[serde(default)]
+    pub general: RawGeneral,
+    #[serde(default)]
+    pub listen: Vec<RawListener>,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub timers: RawTimers,
+    #[serde(default)]
+    pub pool: Vec<RawPool>,
+    #[serde(default)]
+    pub trunk: Vec<RawTrunk>,
+    #[serde(default)]
+    pub phones: RawPhones,
+    #[serde(default)]
+    pub admin: RawAdmin,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawGeneral {
+    pub name: Option<Text>,
+    pub secret: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawListener {
+    pub transport: Text,
+    pub addr: Text,
+    pub advertise: Option<Text>,
+    pub side: Option<Text>,
+    pub cert: Option<Text>,
+    pub key: Option<Text>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLimits {
+    pub max_message_size: Option<Int>,
+    pub max_headers: Option<Int>,
+    pub max_via: Option<Int>,
+    pub idle_timeout_secs: Option<Int>,
+    pub tcp_connect_timeout_ms: Option<Int>,
+    pub tls_handshake_timeout_ms: Option<Int>,
+    pub max_connections: Option<Int>,
+    pub max_connections_per_source: Option<Int>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTimers {
+    pub t1_ms: Option<Int>,
+    pub t2_ms: Option<Int>,
+    pub t4_ms: Option<Int>,
+    pub timer_c_secs: Option<Int>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPool {
+    pub name: Text,
+    #[serde(default)]
+    pub node: Vec<RawNode>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawNode {
+    pub name: Text,
+    pub address: Text,
+    pub transport: Option<Text>,
+    pub tls_server_name: Option<Text>,
+    pub tls_ca: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTrunk {
+    pub name: Text,
+    pub sources: TextList,
+    pub address: Text,
+    pub transport: Option<Text>,
+    pub tls_server_name: Option<Text>,
+    pub tls_ca: Option<Text>,
+    pub domains: Option<TextList>,
+    pub pool: Option<Text>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPhones {
+    pub domains: Option<TextList>,
+    pub pool: Option<Text>,
+    pub sources: Option<TextList>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAdmin {
+    pub listen: Option<Text>,
+    pub token: Option<Text>,
+}

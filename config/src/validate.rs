@@ -1,0 +1,836 @@
+//! Turns the file as written ([`crate::raw`]) into the resolved
+//! [`Config`], checking every rule the schema states and pointing errors at
+//! the offending key.
+//!
+//! Checks run in file-schema order (general, listen, limits, timers, pool,
+//! trunk, phones, admin) and stop at the first error.
+
+use std::net::SocketAddr;
+use std::ops::{Range, RangeInclusive};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use crate::error::ConfigError;
+use crate::locate::Index;
+use crate::net::{self, Host};
+use crate::raw::{
+    Int, RawAdmin, RawConfig, RawGeneral, RawLimits, RawListener, RawPhones, RawPool, RawTimers,
+    RawTrunk, Text, TextList,
+};
+use crate::types::{
+    Admin, Advertise, Config, General, Limits, Listener, Node, Phones, Pool, Side, Timers,
+    Transport, Trunk,
+};
+
+/// Minimum length of `general.secret` and `admin.token`: shorter keys are
+/// guessable and would let an attacker forge flow tokens or admin calls.
+const MIN_SECRET_LEN: usize = 16;
+
+/// Longest accepted name (`general.name`, pools, nodes, trunks), so names
+/// stay readable in logs, headers and metric labels.
+const MAX_NAME_LEN: usize = 64;
+
+/// Builds the resolved configuration from the deserialized file.
+pub(crate) fn build(
+    raw: RawConfig,
+    text: &str,
+    origin: &Path,
+    index: Option<Index>,
+) -> Result<Config, ConfigError> {
+    let base = origin
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let cx = Ctx {
+        file: origin,
+        text,
+        base: absolute(base),
+        index,
+    };
+    let general = cx.general(&raw.general)?;
+    let listen = cx.listeners(&raw.listen)?;
+    let limits = cx.limits(&raw.limits)?;
+    let timers = cx.timers(&raw.timers)?;
+    let pools = cx.pools(&raw.pool)?;
+    let trunks = cx.trunks(&raw.trunk, &pools)?;
+    let phones = cx.phones(&raw.phones, &pools)?;
+    let admin = cx.admin(&raw.admin)?;
+    Ok(Config {
+        general,
+        listen,
+        limits,
+        timers,
+        pools,
+        trunks,
+        phones,
+        admin,
+        source: absolute(origin),
+    })
+}
+
+/// Makes `path` absolute against the current directory without touching
+/// the file system (no symlink resolution), keeping it as is if that fails.
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+struct Ctx<'a> {
+    file: &'a Path,
+    text: &'a str,
+    base: PathBuf,
+    index: Option<Index>,
+}
+
+impl Ctx<'_> {
+    /// An error at a value's span.
+    fn at(&self, span: Range<usize>, field: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::at(self.file.to_path_buf(), self.text, span, field, message)
+    }
+
+    /// An error about a table or a missing key: points at the table `path`
+    /// (its header), or the top of the file when it is not in the file.
+    fn at_table(&self, path: &str, field: &str, message: impl Into<String>) -> ConfigError {
+        let span = self
+            .index
+            .as_ref()
+            .and_then(|i| i.span_of(path))
+            .unwrap_or(0..0);
+        self.at(span, field, message)
+    }
+
+    fn name(&self, value: &Text, field: &str, what: &str) -> Result<String, ConfigError> {
+        let name = value.get_ref();
+        let ok = !name.is_empty()
+            && name.len() <= MAX_NAME_LEN
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if ok {
+            Ok(name.clone())
+        } else {
+            Err(self.at(
+                value.span(),
+                field,
+                format!(
+                    "{what} name \"{name}\" must be 1 to {MAX_NAME_LEN} letters, digits, '-', '_' or '.'"
+                ),
+            ))
+        }
+    }
+
+    fn transport(&self, value: Option<&Text>, field: &str) -> Result<Transport, ConfigError> {
+        let Some(value) = value else {
+            return Ok(Transport::default());
+        };
+        match value.get_ref().to_ascii_lowercase().as_str() {
+            "udp" => Ok(Transport::Udp),
+            "tcp" => Ok(Transport::Tcp),
+            "tls" => Ok(Transport::Tls),
+            other => Err(self.at(
+                value.span(),
+                field,
+                format!("\"{other}\" is not a transport; expected \"udp\", \"tcp\" or \"tls\""),
+            )),
+        }
+    }
+
+    fn socket_addr(&self, value: &Text, field: &str) -> Result<SocketAddr, ConfigError> {
+        value.get_ref().parse().map_err(|_| {
+            self.at(
+                value.span(),
+                field,
+                format!(
+                    "\"{}\" is not an IP address with a port, e.g. \"0.0.0.0:5060\" or \"[::]:5060\"",
+                    value.get_ref()
+                ),
+            )
+        })
+    }
+
+    /// An integer in `range` (or `default` when absent).
+    fn int(
+        &self,
+        value: Option<&Int>,
+        field: &str,
+        range: RangeInclusive<i64>,
+        default: u64,
+        unit: &str,
+    ) -> Result<u64, ConfigError> {
+        let Some(value) = value else {
+            return Ok(default);
+        };
+        let n = *value.get_ref();
+        if !range.contains(&n) {
+            let unit = if unit.is_empty() {
+                String::new()
+            } else {
+                format!(" {unit}")
+            };
+            return Err(self.at(
+                value.span(),
+                field,
+                format!(
+                    "must be from {} to {}{unit}, got {n}",
+                    range.start(),
+                    range.end()
+                ),
+            ));
+        }
+        Ok(n.unsigned_abs())
+    }
+
+    /// A file path relative to the config file's directory, made absolute;
+    /// the file must exist and be readable now, so a typo fails at load
+    /// instead of at the first TLS handshake.
+    fn file(&self, value: &Text, field: &str) -> Result<PathBuf, ConfigError> {
+        let written = value.get_ref();
+        if written.is_empty() {
+            return Err(self.at(value.span(), field, "file path is empty"));
+        }
+        let path = absolute(&self.base.join(written));
+        let fail = |message: String| self.at(value.span(), field, message);
+        match std::fs::metadata(&path) {
+            Err(e) => Err(fail(format!("cannot read \"{}\": {e}", path.display()))),
+            Ok(meta) if !meta.is_file() => Err(fail(format!(
+                "\"{}\" is not a regular file",
+                path.display()
+            ))),
+            Ok(_) => match std::fs::File::open(&path) {
+                Ok(_) => Ok(path),
+                Err(e) => Err(fail(format!("cannot open \"{}\": {e}", path.display()))),
+            },
+        }
+    }
+
+    fn general(&self, raw: &RawGeneral) -> Result<General, ConfigError> {
+        let mut general = General::default();
+        if let Some(name) = &raw.name {
+            let text = name.get_ref();
+            if text.trim().is_empty() || text.chars().count() > MAX_NAME_LEN {
+                return Err(self.at(
+                    name.span(),
+                    "general.name",
+                    format!("must be 1 to {MAX_NAME_LEN} characters"),
+                ));
+            }
+            if text.chars().any(char::is_control) {
+                return Err(self.at(
+                    name.span(),
+                    "general.name",
+                    "must not contain control characters (it is written into SIP headers)",
+                ));
+            }
+            general.name = text.clone();
+        }
+        if let Some(secret) = &raw.secret {
+            let len = secret.get_ref().chars().count();
+            if len < MIN_SECRET_LEN {
+                return Err(self.at(
+                    secret.span(),
+                    "general.secret",
+                    format!(
+                        "must be at least {MIN_SECRET_LEN} characters (it keys the HMAC of flow tokens), got {len}"
+                    ),
+                ));
+            }
+            general.secret = Some(secret.get_ref().clone());
+        }
+        Ok(general)
+    }
+
+    fn listeners(&self, raw: &[RawListener]) -> Result<Vec<Listener>, ConfigError> {
+        if raw.is_empty() {
+            return Err(self.at_table(
+                "listen",
+                "listen",
+                "at least one [[listen]] table is required",
+            ));
+        }
+        let mut out: Vec<Listener> = Vec::with_capacity(raw.len());
+        for (i, l) in raw.iter().enumerate() {
+            let p = format!("listen[{i}]");
+            let transport = self.transport(Some(&l.transport), &format!("{p}.transport"))?;
+            let addr = self.socket_addr(&l.addr, &format!("{p}.addr"))?;
+
+            let advertise = match &l.advertise {
+                None => None,
+                Some(a) => {
+                    let field = format!("{p}.advertise");
+                    let (host, port) = net::parse_host_port(a.get_ref())
+                        .map_err(|m| self.at(a.span(), &field, m))?;
+                    if host.ip().is_some_and(|ip| ip.is_unspecified()) {
+                        return Err(self.at(
+                            a.span(),
+                            &field,
+                            "must be an address peers can reach, not a wildcard address",
+                        ));
+                    }
+                    Some(Advertise {
+                        host: host.header_text(),
+                        port,
+                    })
+                }
+            };
+            if advertise.is_none() && addr.ip().is_unspecified() {
+                return Err(self.at(
+                    l.addr.span(),
+                    &format!("{p}.advertise"),
+                    format!(
+                        "required because addr {addr} is a wildcard address: peers need a reachable host:port for Via, Record-Route and Path"
+                    ),
+                ));
+            }
+
+            let side = match &l.side {
+                None => Side::default(),
+                Some(s) => match s.get_ref().to_ascii_lowercase().as_str() {
+                    "public" => Side::Public,
+                    "internal" => Side::Internal,
+                    "both" => Side::Both,
+                    other => {
+                        return Err(self.at(
+                            s.span(),
+                            &format!("{p}.side"),
+                            format!(
+                                "\"{other}\" is not a side; expected \"public\", \"internal\" or \"both\""
+                            ),
+                        ))
+                    }
+                },
+            };
+
+            let (cert, key) = if transport == Transport::Tls {
+                let cert = self.tls_file(l.cert.as_ref(), &p, "cert")?;
+                let key = self.tls_file(l.key.as_ref(), &p, "key")?;
+                (Some(cert), Some(key))
+            } else {
+                for (name, value) in [("cert", &l.cert), ("key", &l.key)] {
+                    if let Some(value) = value {
+                        return Err(self.at(
+                            value.span(),
+                            &format!("{p}.{name}"),
+                            format!("only a tls listener takes a {name}; this one is {transport}"),
+                        ));
+                    }
+                }
+                (None, None)
+            };
+
+            // Two sockets of the same kind cannot bind one address (port 0
+            // gets a fresh port each time, so it never clashes).
+            if addr.port() != 0 {
+                if let Some((j, other)) = out.iter().enumerate().find(|(_, o)| {
+                    o.addr == addr && o.transport.is_stream() == transport.is_stream()
+                }) {
+                    return Err(self.at(
+                        l.addr.span(),
+                        &format!("{p}.addr"),
+                        if other.transport == transport {
+                            format!("{addr} is already used by listen[{j}] ({transport})")
+                        } else {
+                            format!(
+                                "{addr} is already used by listen[{j}] ({}); tcp and tls listeners both need the TCP port",
+                                other.transport
+                            )
+                        },
+                    ));
+                }
+            }
+
+            out.push(Listener {
+                transport,
+                addr,
+                advertise,
+                side,
+                cert,
+                key,
+            });
+        }
+        Ok(out)
+    }
+
+    fn tls_file(
+        &self,
+        value: Option<&Text>,
+        listener: &str,
+        name: &str,
+    ) -> Result<PathBuf, ConfigError> {
+        let field = format!("{listener}.{name}");
+        match value {
+            Some(value) => self.file(value, &field),
+            None => Err(self.at_table(
+                listener,
+                &field,
+                format!(
+                    "required for a tls listener (PEM {})",
+                    if name == "cert" {
+                        "certificate chain"
+                    } else {
+                        "private key"
+                    }
+                ),
+            )),
+        }
+    }
+
+    fn limits(&self, raw: &RawLimits) -> Result<Limits, ConfigError> {
+        let d = Limits::default();
+        let int = |v: &Option<Int>, key: &str, range: RangeInclusive<i64>, default: usize, unit| {
+            let n = self.int(
+                v.as_ref(),
+                &format!("limits.{key}"),
+                range,
+                to_u64(default),
+                unit,
+            )?;
+            Ok::<usize, ConfigError>(usize::try_from(n).unwrap_or(usize::MAX))
+        };
+        let secs = |v: &Option<Int>, key: &str, range: RangeInclusive<i64>, default: Duration| {
+            let n = self.int(
+                v.as_ref(),
+                &format!("limits.{key}"),
+                range,
+                default.as_secs(),
+                "seconds",
+            )?;
+            Ok::<Duration, ConfigError>(Duration::from_secs(n))
+        };
+        let ms = |v: &Option<Int>, key: &str, range: RangeInclusive<i64>, default: Duration| {
+            let n = self.int(
+                v.as_ref(),
+                &format!("limits.{key}"),
+                range,
+                millis(default),
+                "milliseconds",
+            )?;
+            Ok::<Duration, ConfigError>(Duration::from_millis(n))
+        };
+        let max_connections = int(
+            &raw.max_connections,
+            "max_connections",
+            1..=1_000_000,
+            d.max_connections,
+            "",
+        )?;
+        // The default per-source cap follows a smaller max_connections, so
+        // lowering only max_connections is not an error.
+        let max_connections_per_source = int(
+            &raw.max_connections_per_source,
+            "max_connections_per_source",
+            1..=i64::try_from(max_connections).unwrap_or(i64::MAX),
+            d.max_connections_per_source.min(max_connections),
+            "(at most max_connections)",
+        )?;
+        Ok(Limits {
+            max_message_size: int(
+                &raw.max_message_size,
+                "max_message_size",
+                1024..=1_048_576,
+                d.max_message_size,
+                "bytes",
+            )?,
+            max_headers: int(&raw.max_headers, "max_headers", 8..=1024, d.max_headers, "")?,
+            max_via: int(&raw.max_via, "max_via", 2..=256, d.max_via, "")?,
+            idle_timeout: secs(
+                &raw.idle_timeout_secs,
+                "idle_timeout_secs",
+                10..=86_400,
+                d.idle_timeout,
+            )?,
+            tcp_connect_timeout: ms(
+                &raw.tcp_connect_timeout_ms,
+                "tcp_connect_timeout_ms",
+                100..=60_000,
+                d.tcp_connect_timeout,
+            )?,
+            tls_handshake_timeout: ms(
+                &raw.tls_handshake_timeout_ms,
+                "tls_handshake_timeout_ms",
+                100..=60_000,
+                d.tls_handshake_timeout,
+            )?,
+            max_connections,
+            max_connections_per_source,
+        })
+    }
+
+    fn timers(&self, raw: &RawTimers) -> Result<Timers, ConfigError> {
+        let d = Timers::default();
+        let ms = |v: &Option<Int>, key: &str, range: RangeInclusive<i64>, default: u64| {
+            self.int(
+                v.as_ref(),
+                &format!("timers.{key}"),
+                range,
+                default,
+                "milliseconds",
+            )
+        };
+        let t1 = ms(&raw.t1_ms, "t1_ms", 1..=10_000, millis(d.t1))?;
+        // T2 caps intervals that start at T1, so it may not be below T1; its
+        // default follows a raised T1.
+        let t2 = ms(
+            &raw.t2_ms,
+            "t2_ms",
+            i64::try_from(t1).unwrap_or(i64::MAX)..=60_000,
+            millis(d.t2).max(t1),
+        )
+        .map_err(|mut e| {
+            e.message.push_str(" (t2_ms may not be below t1_ms)");
+            e
+        })?;
+        let t4 = ms(&raw.t4_ms, "t4_ms", 0..=60_000, millis(d.t4))?;
+        let timer_c = self.int(
+            raw.timer_c_secs.as_ref(),
+            "timers.timer_c_secs",
+            10..=86_400,
+            d.timer_c.as_secs(),
+            "seconds",
+        )?;
+        Ok(Timers {
+            t1: Duration::from_millis(t1),
+            t2: Duration::from_millis(t2),
+            t4: Duration::from_millis(t4),
+            timer_c: Duration::from_secs(timer_c),
+        })
+    }
+
+    fn pools(&self, raw: &[RawPool]) -> Result<Vec<Pool>, ConfigError> {
+        if raw.is_empty() {
+            return Err(self.at_table("pool", "pool", "at least one [[pool]] table is required"));
+        }
+        let mut pools: Vec<Pool> = Vec::with_capacity(raw.len());
+        // (name, path) of every node so far, for the cross-pool uniqueness check.
+        let mut node_names: Vec<(String, String)> = Vec::new();
+        for (i, p) in raw.iter().enumerate() {
+            let path = format!("pool[{i}]");
+            let name = self.name(&p.name, &format!("{path}.name"), "pool")?;
+            if let Some(j) = pools.iter().position(|q| q.name == name) {
+                return Err(self.at(
+                    p.name.span(),
+                    &format!("{path}.name"),
+                    format!("pool name \"{name}\" is already used by pool[{j}]"),
+                ));
+            }
+            if p.node.is_empty() {
+                return Err(self.at_table(
+                    &path,
+                    &format!("{path}.node"),
+                    format!("pool \"{name}\" needs at least one [[pool.node]]"),
+                ));
+            }
+            let mut nodes = Vec::with_capacity(p.node.len());
+            for (k, n) in p.node.iter().enumerate() {
+                let np = format!("{path}.node[{k}]");
+                let node_name = self.name(&n.name, &format!("{np}.name"), "node")?;
+                if let Some((_, other)) = node_names.iter().find(|(m, _)| *m == node_name) {
+                    return Err(self.at(
+                        n.name.span(),
+                        &format!("{np}.name"),
+                        format!(
+                            "node name \"{node_name}\" is already used by {other} (node names are unique across all pools)"
+                        ),
+                    ));
+                }
+                node_names.push((node_name.clone(), np.clone()));
+                let peer = self.peer(
+                    &np,
+                    &n.address,
+                    n.transport.as_ref(),
+                    n.tls_server_name.as_ref(),
+                    n.tls_ca.as_ref(),
+                )?;
+                nodes.push(Node {
+                    name: node_name,
+                    address: peer.address,
+                    address_text: n.address.get_ref().clone(),
+                    transport: peer.transport,
+                    tls_server_name: peer.tls_server_name,
+                    tls_ca: peer.tls_ca,
+                });
+            }
+            pools.push(Pool { name, nodes });
+        }
+        Ok(pools)
+    }
+
+    /// The address/transport/TLS keys shared by nodes and trunks.
+    fn peer(
+        &self,
+        path: &str,
+        address: &Text,
+        transport: Option<&Text>,
+        tls_server_name: Option<&Text>,
+        tls_ca: Option<&Text>,
+    ) -> Result<Peer, ConfigError> {
+        let transport = self.transport(transport, &format!("{path}.transport"))?;
+        let field = format!("{path}.address");
+        let (host, port) = net::parse_host_port(address.get_ref())
+            .map_err(|m| self.at(address.span(), &field, m))?;
+        if host.ip().is_some_and(|ip| ip.is_unspecified()) {
+            return Err(self.at(
+                address.span(),
+                &field,
+                "cannot send to a wildcard address; give the peer's real address",
+            ));
+        }
+        let port = port.unwrap_or_else(|| transport.default_port());
+        let resolved = net::resolve(&host, port).map_err(|m| self.at(address.span(), &field, m))?;
+
+        for (name, value) in [("tls_server_name", tls_server_name), ("tls_ca", tls_ca)] {
+            if let (Some(value), false) = (value, transport == Transport::Tls) {
+                return Err(self.at(
+                    value.span(),
+                    &format!("{path}.{name}"),
+                    format!("only used with transport = \"tls\"; this peer is {transport}"),
+                ));
+            }
+        }
+        let tls_server_name = match tls_server_name {
+            Some(v) => {
+                let name = v.get_ref();
+                if !net::is_hostname(name) && name.parse::<std::net::IpAddr>().is_err() {
+                    return Err(self.at(
+                        v.span(),
+                        &format!("{path}.tls_server_name"),
+                        format!("\"{name}\" is not a DNS name or IP address"),
+                    ));
+                }
+                Some(name.clone())
+            }
+            None if transport == Transport::Tls => match &host {
+                Host::Name(name) => Some(name.clone()),
+                Host::V4(_) | Host::V6(_) => None,
+            },
+            None => None,
+        };
+        let tls_ca = match tls_ca {
+            Some(v) => Some(self.file(v, &format!("{path}.tls_ca"))?),
+            None => None,
+        };
+        Ok(Peer {
+            address: resolved,
+            transport,
+            tls_server_name,
+            tls_ca,
+        })
+    }
+
+    fn sources(&self, list: &TextList, path: &str) -> Result<Vec<IpNet>, ConfigError> {
+        let mut out: Vec<IpNet> = Vec::with_capacity(list.get_ref().len());
+        for (k, s) in list.get_ref().iter().enumerate() {
+            let field = format!("{path}[{k}]");
+            let net = net::parse_source(s.get_ref()).map_err(|m| self.at(s.span(), &field, m))?;
+            if let Some(j) = out.iter().position(|o| *o == net) {
+                return Err(self.at(
+                    s.span(),
+                    &field,
+                    format!("{net} is already listed as {path}[{j}]"),
+                ));
+            }
+            out.push(net);
+        }
+        Ok(out)
+    }
+
+    fn domains(&self, list: Option<&TextList>, path: &str) -> Result<Vec<String>, ConfigError> {
+        let Some(list) = list else {
+            return Ok(Vec::new());
+        };
+        let mut out: Vec<String> = Vec::with_capacity(list.get_ref().len());
+        for (k, d) in list.get_ref().iter().enumerate() {
+            let field = format!("{path}[{k}]");
+            let host = net::parse_host(d.get_ref()).map_err(|m| self.at(d.span(), &field, m))?;
+            let domain = host.header_text().to_ascii_lowercase();
+            if let Some(j) = out.iter().position(|o| *o == domain) {
+                return Err(self.at(
+                    d.span(),
+                    &field,
+                    format!("\"{domain}\" is already listed as {path}[{j}]"),
+                ));
+            }
+            out.push(domain);
+        }
+        Ok(out)
+    }
+
+    /// A `pool = "..."` reference, defaulting to the first pool.
+    fn pool_ref(
+        &self,
+        value: Option<&Text>,
+        field: &str,
+        pools: &[Pool],
+    ) -> Result<String, ConfigError> {
+        match value {
+            None => Ok(pools.first().map(|p| p.name.clone()).unwrap_or_default()),
+            Some(v) if pools.iter().any(|p| p.name == *v.get_ref()) => Ok(v.get_ref().clone()),
+            Some(v) => {
+                let known: Vec<String> = pools.iter().map(|p| format!("\"{}\"", p.name)).collect();
+                Err(self.at(
+                    v.span(),
+                    field,
+                    format!(
+                        "no pool named \"{}\"; defined pools: {}",
+                        v.get_ref(),
+                        known.join(", ")
+                    ),
+                ))
+            }
+        }
+    }
+
+    fn trunks(&self, raw: &[RawTrunk], pools: &[Pool]) -> Result<Vec<Trunk>, ConfigError> {
+        let mut trunks: Vec<Trunk> = Vec::with_capacity(raw.len());
+        for (i, t) in raw.iter().enumerate() {
+            let path = format!("trunk[{i}]");
+            let name = self.name(&t.name, &format!("{path}.name"), "trunk")?;
+            if let Some(j) = trunks.iter().position(|o| o.name == name) {
+                return Err(self.at(
+                    t.name.span(),
+                    &format!("{path}.name"),
+                    format!("trunk name \"{name}\" is already used by trunk[{j}]"),
+                ));
+            }
+
+            let sources_path = format!("{path}.sources");
+            if t.sources.get_ref().is_empty() {
+                return Err(self.at(
+                    t.sources.span(),
+                    &sources_path,
+                    "must list at least one IP address or network the trunk sends from",
+                ));
+            }
+            let sources = self.sources(&t.sources, &sources_path)?;
+            // The same network on two trunks makes inbound calls ambiguous.
+            for (k, net) in sources.iter().enumerate() {
+                if let Some((j, other)) = trunks
+                    .iter()
+                    .enumerate()
+                    .find(|(_, o)| o.sources.contains(net))
+                {
+                    let span = t.sources.get_ref().get(k).map_or(0..0, |s| s.span());
+                    return Err(self.at(
+                        span,
+                        &format!("{sources_path}[{k}]"),
+                        format!(
+                            "{net} is already a source of trunk[{j}] \"{}\"; inbound calls from it would be ambiguous",
+                            other.name
+                        ),
+                    ));
+                }
+            }
+
+            let peer = self.peer(
+                &path,
+                &t.address,
+                t.transport.as_ref(),
+                t.tls_server_name.as_ref(),
+                t.tls_ca.as_ref(),
+            )?;
+
+            let domains_path = format!("{path}.domains");
+            let domains = self.domains(t.domains.as_ref(), &domains_path)?;
+            for (k, domain) in domains.iter().enumerate() {
+                if let Some((j, other)) = trunks
+                    .iter()
+                    .enumerate()
+                    .find(|(_, o)| o.domains.contains(domain))
+                {
+                    let span = t
+                        .domains
+                        .as_ref()
+                        .and_then(|list| list.get_ref().get(k))
+                        .map_or(0..0, |d| d.span());
+                    return Err(self.at(
+                        span,
+                        &format!("{domains_path}[{k}]"),
+                        format!(
+                            "\"{domain}\" is already a domain of trunk[{j}] \"{}\"; calls to it would be ambiguous",
+                            other.name
+                        ),
+                    ));
+                }
+            }
+
+            let pool = self.pool_ref(t.pool.as_ref(), &format!("{path}.pool"), pools)?;
+            trunks.push(Trunk {
+                name,
+                sources,
+                address: peer.address,
+                address_text: t.address.get_ref().clone(),
+                transport: peer.transport,
+                tls_server_name: peer.tls_server_name,
+                tls_ca: peer.tls_ca,
+                domains,
+                pool,
+            });
+        }
+        Ok(trunks)
+    }
+
+    fn phones(&self, raw: &RawPhones, pools: &[Pool]) -> Result<Phones, ConfigError> {
+        let domains = self.domains(raw.domains.as_ref(), "phones.domains")?;
+        let pool = self.pool_ref(raw.pool.as_ref(), "phones.pool", pools)?;
+        let sources =
+            match &raw.sources {
+                None => Phones::default().sources,
+                Some(list) if list.get_ref().is_empty() => return Err(self.at(
+                    list.span(),
+                    "phones.sources",
+                    "an empty list would refuse every phone; leave the key out to allow any source",
+                )),
+                Some(list) => self.sources(list, "phones.sources")?,
+            };
+        Ok(Phones {
+            domains,
+            pool,
+            sources,
+        })
+    }
+
+    fn admin(&self, raw: &RawAdmin) -> Result<Admin, ConfigError> {
+        let mut admin = Admin::default();
+        if let Some(listen) = &raw.listen {
+            admin.listen = self.socket_addr(listen, "admin.listen")?;
+        }
+        if let Some(token) = &raw.token {
+            let len = token.get_ref().chars().count();
+            if len < MIN_SECRET_LEN {
+                return Err(self.at(
+                    token.span(),
+                    "admin.token",
+                    format!("must be at least {MIN_SECRET_LEN} characters, got {len}"),
+                ));
+            }
+            admin.token = Some(token.get_ref().clone());
+        }
+        if admin.token.is_none() && !admin.listen.ip().is_loopback() {
+            let span = raw.listen.as_ref().map_or(0..0, |l| l.span());
+            return Err(self.at(
+                span,
+                "admin.token",
+                format!(
+                    "required because admin.listen {} is not a loopback address; without it anyone who can reach the port could administer the SBC",
+                    admin.listen
+                ),
+            ));
+        }
+        Ok(admin)
+    }
+}
+
+struct Peer {
+    address: SocketAddr,
+    transport: Transport,
+    tls_server_name: Option<String>,
+    tls_ca: Option<PathBuf>,
+}
+
+fn to_u64(n: usize) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
