@@ -153,7 +153,7 @@ impl RouteTable {
         let host_l = host.to_ascii_lowercase();
         let ip = sbc_ip(host);
         self.trunks.iter().position(|t| {
-            t.domains.iter().any(|d| *d == host_l)
+            t.domains.contains(&host_l)
                 || (ip == Some(t.address.ip()) && port.is_none_or(|p| p == t.address.port()))
         })
     }
@@ -166,9 +166,9 @@ impl RouteTable {
     /// A trunk whose configured address or source ranges cover `addr`: in-dialog requests go
     /// to the Contact a carrier gave, which may be another host of the carrier's.
     pub fn trunk_by_addr(&self, addr: SocketAddr) -> Option<usize> {
-        self.trunks.iter().position(|t| {
-            t.address == addr || t.sources.iter().any(|n| net_contains(n, addr.ip()))
-        })
+        self.trunks
+            .iter()
+            .position(|t| t.address == addr || t.sources.iter().any(|n| net_contains(n, addr.ip())))
     }
 
     /// The node new dialogs and registrations of `pool` go to. One node per pool today; the
@@ -249,13 +249,34 @@ sources = ["127.0.0.0/8"]
     #[test]
     fn classify_sources() {
         let t = table();
-        assert_eq!(t.classify("127.0.0.2:5070".parse().unwrap(), false), Source::Node(0));
-        assert_eq!(t.classify("127.0.0.2:40000".parse().unwrap(), false), Source::Public);
-        assert_eq!(t.classify("127.0.0.2:40000".parse().unwrap(), true), Source::Node(0));
-        assert_eq!(t.classify("127.0.0.20:5060".parse().unwrap(), false), Source::Trunk(0));
-        assert_eq!(t.classify("127.0.0.9:5060".parse().unwrap(), false), Source::Public);
-        assert_eq!(t.classify("192.0.2.1:5060".parse().unwrap(), false), Source::Denied);
-        assert_eq!(t.classify("[::ffff:127.0.0.20]:5060".parse().unwrap(), false), Source::Trunk(0));
+        assert_eq!(
+            t.classify("127.0.0.2:5070".parse().unwrap(), false),
+            Source::Node(0)
+        );
+        assert_eq!(
+            t.classify("127.0.0.2:40000".parse().unwrap(), false),
+            Source::Public
+        );
+        assert_eq!(
+            t.classify("127.0.0.2:40000".parse().unwrap(), true),
+            Source::Node(0)
+        );
+        assert_eq!(
+            t.classify("127.0.0.20:5060".parse().unwrap(), false),
+            Source::Trunk(0)
+        );
+        assert_eq!(
+            t.classify("127.0.0.9:5060".parse().unwrap(), false),
+            Source::Public
+        );
+        assert_eq!(
+            t.classify("192.0.2.1:5060".parse().unwrap(), false),
+            Source::Denied
+        );
+        assert_eq!(
+            t.classify("[::ffff:127.0.0.20]:5060".parse().unwrap(), false),
+            Source::Trunk(0)
+        );
     }
 
     #[test]

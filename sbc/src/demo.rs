@@ -1,0 +1,4 @@
+//! `sbc demo` (being written).
+pub async fn run() -> anyhow::Result<()> {
+    anyhow::bail!("demo not written yet")
+}

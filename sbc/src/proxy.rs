@@ -1,0 +1,1408 @@
+//! The stateful proxy core (RFC 3261 section 16), driven synchronously by the transports.
+//!
+//! Every received message enters [`Proxy::on_message`] on the task that read it. The proxy
+//! decides what to do, updates its transaction table under one short lock, and returns the
+//! datagrams to send, which go out after the lock is released. Timers (retransmissions,
+//! timeouts, Timer C) are deadlines in the same table; a single tokio task sleeps until the
+//! earliest and calls [`Proxy::handle_timers`]. Nothing here awaits, so the lock is never held
+//! across an `.await`.
+//!
+//! Shape of a proxied request: a server transaction toward the sender, one client branch
+//! toward the next hop, both the sans-IO machines of `sbc_sip::transaction`. Responses are
+//! matched to the branch by our Via branch, then forwarded through the server transaction.
+//! ACK for a non-2xx is hop by hop (absorbed and regenerated); ACK for a 2xx and every other
+//! in-dialog request follows Route like any request.
+
+use crate::flow_token::FlowTokens;
+use crate::registrations::Registrations;
+use crate::transport::{Dest, Flow, Handler, Inbound, SendError, Transports};
+use ahash::AHashMap;
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use sbc_config::Side;
+use sbc_routing::{RouteTable, Source};
+use sbc_sip::addr::NameAddr;
+use sbc_sip::edit::{self, Edits, ResponseOpts};
+use sbc_sip::message::{HeaderName, Message, Method, ParseLimits};
+use sbc_sip::transaction::{
+    ClientEvent, ClientTransaction, ResponseAction, ServerEvent, ServerTransaction, State,
+    TimerConfig,
+};
+use sbc_sip::uri::{Scheme, Uri};
+use sbc_sip::Transport;
+use smallvec::SmallVec;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+/// A listener as the proxy writes it into Via, Record-Route and Path.
+#[derive(Clone, Debug)]
+pub struct LocalListener {
+    pub transport: Transport,
+    pub addr: SocketAddr,
+    /// Host text for headers (IPv6 in brackets).
+    pub host: String,
+    pub port: u16,
+    pub side: Side,
+}
+
+/// Settings the core needs, taken from the config at start.
+#[derive(Clone, Debug)]
+pub struct ProxySettings {
+    pub name: String,
+    pub secret: Option<String>,
+    pub limits: ParseLimits,
+    pub timers: TimerConfig,
+    pub timer_c: Duration,
+}
+
+type Out = SmallVec<[(Dest, Bytes); 4]>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum MethodKey {
+    Invite,
+    Cancel,
+    Other(Method),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct TxKey {
+    branch: Box<[u8]>,
+    method: MethodKey,
+}
+
+struct Branch {
+    tx: ClientTransaction,
+    key: TxKey,
+    dest: Dest,
+    /// The request as forwarded (for ACK and CANCEL construction).
+    out: Bytes,
+    cancel: Option<(ClientTransaction, TxKey)>,
+}
+
+struct ProxyTx {
+    server: ServerTransaction,
+    server_key: TxKey,
+    in_flow: Flow,
+    request: Message,
+    method: Method,
+    branch: Option<Branch>,
+    final_sent: bool,
+    cancel_pending: bool,
+    timer_c: Option<Instant>,
+    scheduled: Option<Instant>,
+    /// For REGISTER: the phone's flow, to record on a 2xx.
+    register_flow: Option<Flow>,
+    local_tag: u64,
+}
+
+#[derive(Default)]
+struct Core {
+    txs: AHashMap<u64, ProxyTx>,
+    server_idx: AHashMap<TxKey, u64>,
+    client_idx: AHashMap<TxKey, u64>,
+    timers: BinaryHeap<Reverse<(Instant, u64)>>,
+    next_id: u64,
+}
+
+/// Work decided under the lock and done after it.
+enum After {
+    Register {
+        flow: Flow,
+        request: Message,
+        response: Message,
+    },
+}
+
+pub struct Proxy {
+    core: Mutex<Core>,
+    routes: RwLock<Arc<RouteTable>>,
+    transports: OnceLock<Arc<Transports>>,
+    locals: OnceLock<Vec<LocalListener>>,
+    tokens: FlowTokens,
+    pub registrations: Registrations,
+    settings: ProxySettings,
+    timer_wake: tokio::sync::Notify,
+}
+
+/// What a request is routed to.
+enum Target {
+    Forward {
+        dest: Dest,
+        /// The public-side flow of this dialog, written into Record-Route.
+        public_flow: Option<Flow>,
+    },
+    Local(u16, &'static str),
+    Drop,
+}
+
+impl Proxy {
+    pub fn new(settings: ProxySettings, routes: RouteTable) -> Arc<Proxy> {
+        Arc::new(Proxy {
+            core: Mutex::new(Core::default()),
+            routes: RwLock::new(Arc::new(routes)),
+            transports: OnceLock::new(),
+            locals: OnceLock::new(),
+            tokens: FlowTokens::new(settings.secret.as_deref()),
+            registrations: Registrations::default(),
+            settings,
+            timer_wake: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Completes start-up once the transports are bound (the transports need the proxy as
+    /// their handler first, hence two steps).
+    pub fn attach(&self, transports: Arc<Transports>, locals: Vec<LocalListener>) {
+        let _ = self.transports.set(transports);
+        let _ = self.locals.set(locals);
+    }
+
+    /// Swaps the route table; transactions in flight keep the destinations they chose.
+    pub fn set_routes(&self, routes: RouteTable) {
+        *self.routes.write() = Arc::new(routes);
+    }
+
+    pub fn transaction_count(&self) -> usize {
+        self.core.lock().txs.len()
+    }
+
+    fn locals(&self) -> &[LocalListener] {
+        self.locals.get().map_or(&[], |v| v.as_slice())
+    }
+
+    fn flush(&self, out: Out) {
+        let Some(t) = self.transports.get() else {
+            return;
+        };
+        for (dest, bytes) in out {
+            if let Err(e) = t.send(&dest, bytes.clone()) {
+                self.send_failed(&dest, &bytes, &e);
+            }
+        }
+    }
+
+    fn send_failed(&self, dest: &Dest, data: &Bytes, err: &SendError) {
+        tracing::debug!(?dest, %err, "send failed");
+        metrics::counter!("sbc_send_errors_total").increment(1);
+        // A request that could not be sent fails its branch at once (RFC 3261 17.1.4).
+        let Ok(msg) = Message::parse(data.clone()) else {
+            return;
+        };
+        if !msg.is_request() || msg.method() == Some(Method::Ack) {
+            return;
+        }
+        let Some(via) = msg.top_via() else { return };
+        let Some(branch) = via.branch else { return };
+        let key = TxKey {
+            branch: branch.into(),
+            method: method_key(msg.method().unwrap_or(Method::Other)),
+        };
+        let mut out = Out::new();
+        {
+            let mut core = self.core.lock();
+            if let Some(&id) = core.client_idx.get(&key) {
+                if let Some(tx) = core.txs.get_mut(&id) {
+                    if let Some(b) = tx.branch.as_mut() {
+                        b.tx.handle_transport_error();
+                    }
+                }
+                self.drive(&mut core, id, Instant::now(), &mut out);
+            }
+        }
+        self.flush(out);
+    }
+
+    /// The earliest timer deadline, for the timer task.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.core.lock().timers.peek().map(|r| r.0 .0)
+    }
+
+    /// Runs every timer due at `now`.
+    pub fn handle_timers(&self, now: Instant) {
+        let mut out = Out::new();
+        {
+            let mut core = self.core.lock();
+            while let Some(&Reverse((at, id))) = core.timers.peek() {
+                if at > now {
+                    break;
+                }
+                core.timers.pop();
+                let Some(tx) = core.txs.get_mut(&id) else {
+                    continue;
+                };
+                if tx.scheduled == Some(at) {
+                    tx.scheduled = None;
+                }
+                tx.server.handle_timeout(now);
+                if let Some(b) = tx.branch.as_mut() {
+                    b.tx.handle_timeout(now);
+                    if let Some((c, _)) = b.cancel.as_mut() {
+                        c.handle_timeout(now);
+                    }
+                }
+                if tx.timer_c.is_some_and(|c| c <= now) {
+                    tx.timer_c = None;
+                    // RFC 3261 16.8: Timer C fired; cancel the branch if it ever answered,
+                    // else act as if a 408 arrived.
+                    let provisional = tx.branch.as_ref().is_some_and(|b| b.tx.got_provisional());
+                    if provisional {
+                        self.start_cancel(tx, now);
+                    } else {
+                        self.local_final(tx, 408, "Request Timeout", now);
+                        if let Some(b) = tx.branch.as_mut() {
+                            b.tx.terminate();
+                        }
+                    }
+                }
+                self.drive(&mut core, id, now, &mut out);
+            }
+        }
+        self.flush(out);
+    }
+
+    /// The timer task body: sleeps until the next deadline or until an earlier one appears.
+    pub async fn run_timers(self: Arc<Self>) {
+        let mut last_sweep = Instant::now();
+        loop {
+            let next = self
+                .next_deadline()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(next));
+            tokio::select! {
+                _ = sleep => {}
+                _ = self.timer_wake.notified() => {}
+            }
+            let now = Instant::now();
+            self.handle_timers(now);
+            if now.duration_since(last_sweep) >= Duration::from_secs(5) {
+                last_sweep = now;
+                self.registrations.expire(now);
+            }
+        }
+    }
+
+    /// Drains a transaction's outputs and events; removes it when both sides are done.
+    fn drive(&self, core: &mut Core, id: u64, now: Instant, out: &mut Out) {
+        let Some(tx) = core.txs.get_mut(&id) else {
+            return;
+        };
+        // Client side first: its events may produce upstream responses.
+        let mut branch_done = false;
+        let mut cancel_done = None;
+        if let Some(b) = tx.branch.as_mut() {
+            while let Some(bytes) = b.tx.poll_transmit() {
+                out.push((b.dest.clone(), bytes));
+            }
+            if let Some((c, key)) = b.cancel.as_mut() {
+                while let Some(bytes) = c.poll_transmit() {
+                    out.push((b.dest.clone(), bytes));
+                }
+                while let Some(ev) = c.poll_event() {
+                    if ev == ClientEvent::Terminated {
+                        cancel_done = Some(key.clone());
+                    }
+                }
+            }
+            let mut events: SmallVec<[ClientEvent; 2]> = SmallVec::new();
+            while let Some(ev) = b.tx.poll_event() {
+                events.push(ev);
+            }
+            for ev in events {
+                match ev {
+                    ClientEvent::Timeout => {
+                        metrics::counter!("sbc_branch_failures_total", "reason" => "timeout")
+                            .increment(1);
+                        self.local_final(tx, 408, "Request Timeout", now);
+                    }
+                    ClientEvent::TransportError => {
+                        metrics::counter!("sbc_branch_failures_total", "reason" => "transport")
+                            .increment(1);
+                        self.local_final(tx, 503, "Service Unavailable", now);
+                    }
+                    ClientEvent::Terminated => branch_done = true,
+                }
+            }
+        }
+        if let Some(key) = cancel_done {
+            core.client_idx.remove(&key);
+            if let Some(tx) = core.txs.get_mut(&id) {
+                if let Some(b) = tx.branch.as_mut() {
+                    b.cancel = None;
+                }
+            }
+        }
+        let Some(tx) = core.txs.get_mut(&id) else {
+            return;
+        };
+        if branch_done {
+            if let Some(b) = tx.branch.as_ref() {
+                if b.cancel.is_none() {
+                    let key = b.key.clone();
+                    tx.branch = None;
+                    core.client_idx.remove(&key);
+                }
+            }
+        }
+        let Some(tx) = core.txs.get_mut(&id) else {
+            return;
+        };
+        while let Some(bytes) = tx.server.poll_transmit() {
+            out.push((Dest::Flow(tx.in_flow), bytes));
+        }
+        let mut server_done = false;
+        while let Some(ev) = tx.server.poll_event() {
+            match ev {
+                ServerEvent::Terminated => server_done = true,
+                ServerEvent::AckTimeout | ServerEvent::TransportError => {}
+            }
+        }
+        if server_done || tx.server.state() == State::Terminated {
+            if let Some(b) = tx.branch.as_mut() {
+                // Nobody upstream is left to tell; let the branch finish quietly unless it
+                // is an INVITE still waiting for a 2xx to pass through.
+                if b.tx.state() == State::Terminated {
+                    let key = b.key.clone();
+                    tx.branch = None;
+                    core.client_idx.remove(&key);
+                }
+            }
+        }
+        let Some(tx) = core.txs.get_mut(&id) else {
+            return;
+        };
+        if tx.server.state() == State::Terminated && tx.branch.is_none() {
+            let key = tx.server_key.clone();
+            core.txs.remove(&id);
+            core.server_idx.remove(&key);
+            metrics::gauge!("sbc_transactions").set(core.txs.len() as f64);
+            return;
+        }
+        // Schedule the next deadline.
+        let mut next = tx.server.poll_timeout();
+        if let Some(b) = tx.branch.as_ref() {
+            next = min_opt(next, b.tx.poll_timeout());
+            if let Some((c, _)) = b.cancel.as_ref() {
+                next = min_opt(next, c.poll_timeout());
+            }
+        }
+        next = min_opt(next, tx.timer_c);
+        if let Some(at) = next {
+            if tx.scheduled.is_none_or(|s| at < s || s <= now) {
+                tx.scheduled = Some(at);
+                let wake = core.timers.peek().is_none_or(|r| at < r.0 .0);
+                core.timers.push(Reverse((at, id)));
+                if wake {
+                    self.timer_wake.notify_one();
+                }
+            }
+        }
+    }
+
+    /// Sends a locally generated final response upstream if none was sent yet.
+    fn local_final(&self, tx: &mut ProxyTx, status: u16, reason: &str, now: Instant) {
+        if tx.final_sent {
+            return;
+        }
+        let tag = format!("sbc{:x}", tx.local_tag);
+        let bytes = edit::response(
+            &tx.request,
+            status,
+            reason,
+            &ResponseOpts {
+                to_tag: Some(tag.as_bytes()),
+                source: Some((tx.in_flow.remote.ip(), tx.in_flow.remote.port())),
+                server: Some(&self.settings.name),
+                ..Default::default()
+            },
+        );
+        if tx.server.send_response(status, Bytes::from(bytes), now) {
+            tx.final_sent = true;
+            count_response(tx.method, status, "local");
+        }
+    }
+
+    fn start_cancel(&self, tx: &mut ProxyTx, now: Instant) {
+        let Some(b) = tx.branch.as_mut() else { return };
+        if b.cancel.is_some() || b.tx.state() != State::Proceeding {
+            return;
+        }
+        let Ok(out) = Message::parse(b.out.clone()) else {
+            return;
+        };
+        let cancel = build_hop_request(&out, "CANCEL", None);
+        let reliable = dest_transport(&b.dest).is_reliable();
+        let key = TxKey {
+            branch: b.key.branch.clone(),
+            method: MethodKey::Cancel,
+        };
+        b.cancel = Some((
+            ClientTransaction::new(
+                false,
+                reliable,
+                Bytes::from(cancel),
+                now,
+                self.settings.timers,
+            ),
+            key,
+        ));
+    }
+
+    // ----- requests -----
+
+    fn on_request(&self, msg: Message, inb: &Inbound, now: Instant, out: &mut Out) {
+        let method = msg.method().unwrap_or(Method::Other);
+        metrics::counter!("sbc_sip_requests_total", "method" => method.as_str()).increment(1);
+        let Some(via) = msg.top_via() else { return };
+        let key = server_key(&msg, &via);
+
+        if method == Method::Ack {
+            {
+                let mut core = self.core.lock();
+                let ikey = TxKey {
+                    branch: key.branch.clone(),
+                    method: MethodKey::Invite,
+                };
+                if let Some(&id) = core.server_idx.get(&ikey) {
+                    let absorbed = core
+                        .txs
+                        .get_mut(&id)
+                        .is_some_and(|tx| tx.server.handle_ack(now));
+                    if absorbed {
+                        self.drive(&mut core, id, now, out);
+                        return;
+                    }
+                }
+            }
+            // ACK for a 2xx: end to end, stateless.
+            match self.route(&msg, inb) {
+                Target::Forward { dest, public_flow } => {
+                    if let Some(bytes) = self.forward_bytes(&msg, inb, &dest, public_flow, &via) {
+                        out.push((dest, bytes));
+                    }
+                }
+                _ => metrics::counter!("sbc_dropped_total", "reason" => "ack_unroutable")
+                    .increment(1),
+            }
+            return;
+        }
+
+        if method == Method::Cancel {
+            let ikey = TxKey {
+                branch: key.branch.clone(),
+                method: MethodKey::Invite,
+            };
+            let mut core = self.core.lock();
+            let Some(&id) = core.server_idx.get(&ikey) else {
+                drop(core);
+                self.reply(&msg, inb, 481, "Call/Transaction Does Not Exist", out);
+                return;
+            };
+            self.reply(&msg, inb, 200, "OK", out);
+            if let Some(tx) = core.txs.get_mut(&id) {
+                if !tx.final_sent {
+                    let provisional = tx.branch.as_ref().is_some_and(|b| b.tx.got_provisional());
+                    if provisional {
+                        self.start_cancel(tx, now);
+                    } else if tx.branch.is_some() {
+                        tx.cancel_pending = true;
+                    } else {
+                        self.local_final(tx, 487, "Request Terminated", now);
+                    }
+                }
+            }
+            self.drive(&mut core, id, now, out);
+            return;
+        }
+
+        // Retransmission of a request we hold a transaction for?
+        {
+            let mut core = self.core.lock();
+            if let Some(&id) = core.server_idx.get(&key) {
+                if let Some(tx) = core.txs.get_mut(&id) {
+                    tx.server.handle_request_retransmit(now);
+                }
+                self.drive(&mut core, id, now, out);
+                return;
+            }
+        }
+
+        // A new request. RFC 3261 16.3 checks first.
+        if msg.uri_scheme() == Some(Scheme::Other) {
+            return self.reply(&msg, inb, 416, "Unsupported URI Scheme", out);
+        }
+        if msg.max_forwards() == Some(0) {
+            if method == Method::Options && self.is_local_uri(msg.uri_bytes()) {
+                return self.reply(&msg, inb, 200, "OK", out);
+            }
+            return self.reply(&msg, inb, 483, "Too Many Hops", out);
+        }
+        if let Some(pr) = msg.header_value(HeaderName::ProxyRequire) {
+            let unsupported = format!(
+                "Unsupported: {}\r\n",
+                String::from_utf8_lossy(sbc_sip::scan::trim(pr))
+            );
+            let bytes = edit::response(
+                &msg,
+                420,
+                "Bad Extension",
+                &ResponseOpts {
+                    extra: unsupported.as_bytes(),
+                    to_tag: Some(b"sbc420"),
+                    source: Some((inb.flow.remote.ip(), inb.flow.remote.port())),
+                    ..Default::default()
+                },
+            );
+            count_response(method, 420, "local");
+            out.push((Dest::Flow(inb.flow), Bytes::from(bytes)));
+            return;
+        }
+        if self.is_loop(&msg) {
+            return self.reply(&msg, inb, 482, "Loop Detected", out);
+        }
+
+        let target = self.route(&msg, inb);
+        let (dest, public_flow) = match target {
+            Target::Forward { dest, public_flow } => (dest, public_flow),
+            Target::Local(status, reason) => {
+                if method == Method::Invite && status >= 300 {
+                    // Through a server transaction so that the ACK is absorbed.
+                    self.reject_invite(msg, inb, &key, status, reason, now, out);
+                } else {
+                    self.reply(&msg, inb, status, reason, out);
+                }
+                return;
+            }
+            Target::Drop => return,
+        };
+        let Some(bytes) = self.forward_bytes(&msg, inb, &dest, public_flow, &via) else {
+            return self.reply(&msg, inb, 500, "Server Internal Error", out);
+        };
+        let out_msg = Message::parse(bytes.clone()).ok();
+        let Some(out_branch) = out_msg
+            .as_ref()
+            .and_then(|m| m.top_via().and_then(|v| v.branch.map(Box::<[u8]>::from)))
+        else {
+            return self.reply(&msg, inb, 500, "Server Internal Error", out);
+        };
+
+        let invite = method == Method::Invite;
+        let in_reliable = inb.flow.transport.is_reliable();
+        let out_reliable = dest_transport(&dest).is_reliable();
+        let mut server = ServerTransaction::new(invite, in_reliable, now, self.settings.timers);
+        if invite {
+            let trying = edit::response(
+                &msg,
+                100,
+                "Trying",
+                &ResponseOpts {
+                    source: Some((inb.flow.remote.ip(), inb.flow.remote.port())),
+                    ..Default::default()
+                },
+            );
+            server.send_response(100, Bytes::from(trying), now);
+        }
+        let client_key = TxKey {
+            branch: out_branch,
+            method: method_key(method),
+        };
+        let register_flow = (method == Method::Register).then_some(inb.flow);
+        let mut core = self.core.lock();
+        core.next_id += 1;
+        let id = core.next_id;
+        let tx = ProxyTx {
+            server,
+            server_key: key.clone(),
+            in_flow: inb.flow,
+            request: msg,
+            method,
+            branch: Some(Branch {
+                tx: ClientTransaction::new(
+                    invite,
+                    out_reliable,
+                    bytes.clone(),
+                    now,
+                    self.settings.timers,
+                ),
+                key: client_key.clone(),
+                dest,
+                out: bytes,
+                cancel: None,
+            }),
+            final_sent: false,
+            cancel_pending: false,
+            timer_c: None,
+            scheduled: None,
+            register_flow,
+            local_tag: id ^ 0x5bc0_0000,
+        };
+        core.txs.insert(id, tx);
+        core.server_idx.insert(key, id);
+        core.client_idx.insert(client_key, id);
+        metrics::gauge!("sbc_transactions").set(core.txs.len() as f64);
+        metrics::counter!("sbc_transactions_total", "method" => method.as_str()).increment(1);
+        self.drive(&mut core, id, now, out);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn reject_invite(
+        &self,
+        msg: Message,
+        inb: &Inbound,
+        key: &TxKey,
+        status: u16,
+        reason: &'static str,
+        now: Instant,
+        out: &mut Out,
+    ) {
+        let mut core = self.core.lock();
+        core.next_id += 1;
+        let id = core.next_id;
+        let mut tx = ProxyTx {
+            server: ServerTransaction::new(
+                true,
+                inb.flow.transport.is_reliable(),
+                now,
+                self.settings.timers,
+            ),
+            server_key: key.clone(),
+            in_flow: inb.flow,
+            request: msg,
+            method: Method::Invite,
+            branch: None,
+            final_sent: false,
+            cancel_pending: false,
+            timer_c: None,
+            scheduled: None,
+            register_flow: None,
+            local_tag: id ^ 0x5bc0_0000,
+        };
+        self.local_final(&mut tx, status, reason, now);
+        core.txs.insert(id, tx);
+        core.server_idx.insert(key.clone(), id);
+        self.drive(&mut core, id, now, out);
+    }
+
+    /// A stateless local response (no transaction needed: non-INVITE, or 2xx to OPTIONS).
+    fn reply(&self, msg: &Message, inb: &Inbound, status: u16, reason: &str, out: &mut Out) {
+        let method = msg.method().unwrap_or(Method::Other);
+        if method == Method::Ack {
+            return;
+        }
+        let bytes = edit::response(
+            msg,
+            status,
+            reason,
+            &ResponseOpts {
+                to_tag: Some(b"sbc-local"),
+                source: Some((inb.flow.remote.ip(), inb.flow.remote.port())),
+                server: Some(&self.settings.name),
+                ..Default::default()
+            },
+        );
+        count_response(method, status, "local");
+        out.push((Dest::Flow(inb.flow), Bytes::from(bytes)));
+    }
+
+    /// Decides where a request goes (RFC 3261 16.4-16.5 with the SBC's policy).
+    fn route(&self, msg: &Message, inb: &Inbound) -> Target {
+        let routes = self.routes.read().clone();
+        let method = msg.method().unwrap_or(Method::Other);
+        let source = routes.classify(inb.flow.remote, inb.flow.transport.is_reliable());
+        if source == Source::Denied {
+            metrics::counter!("sbc_rejected_total", "reason" => "source").increment(1);
+            return Target::Local(403, "Forbidden");
+        }
+        // Pop our own Route entries (one or two), remembering a flow token.
+        let mut token: Option<Flow> = None;
+        let mut next_route: Option<NameAddr<'_>> = None;
+        for (_, v) in msg.values(HeaderName::Route) {
+            let Ok(na) = NameAddr::parse(v) else {
+                return Target::Local(400, "Bad Request (Route)");
+            };
+            if self.is_local_uri(na.uri_raw) {
+                if let Some(user) = na.uri.user {
+                    if let Some(f) = self.tokens.decode(user) {
+                        token = Some(f);
+                    }
+                }
+                continue;
+            }
+            next_route = Some(na);
+            break;
+        }
+        let from_node = matches!(source, Source::Node(_));
+        let public_flow = match source {
+            Source::Public | Source::Trunk(_) => Some(inb.flow),
+            _ => None,
+        };
+
+        if let Some(na) = next_route {
+            // Loose routing to the next hop named in Route.
+            return match self.resolve_uri(&routes, &na.uri, from_node, token) {
+                Some(dest) => Target::Forward {
+                    public_flow: public_flow.or(token),
+                    dest,
+                },
+                None => Target::Local(404, "Not Found (route)"),
+            };
+        }
+        if from_node {
+            if let Some(flow) = token {
+                // PBX toward a phone or trunk over the flow named in Path / Record-Route.
+                return Target::Forward {
+                    dest: Dest::Flow(flow),
+                    public_flow: Some(flow),
+                };
+            }
+        }
+        let Some(ruri) = msg.uri() else {
+            return Target::Local(400, "Bad Request");
+        };
+        let to_local = self.is_local_uri(msg.uri_bytes());
+        if to_local && ruri.user.is_none() {
+            // Addressed to the SBC itself: answer keep-alive OPTIONS, refuse the rest.
+            return match method {
+                Method::Options => Target::Local(200, "OK"),
+                _ => Target::Local(404, "Not Found"),
+            };
+        }
+        let in_dialog = msg.to_tag().is_some();
+        match source {
+            Source::Node(_) => {
+                if let Some(t) = routes.trunk_for_host(ruri.host_unbracketed(), ruri.port) {
+                    let tr = &routes.trunks[t];
+                    return Target::Forward {
+                        dest: peer_dest(tr.transport, tr.address, tr.tls_server_name.as_deref()),
+                        public_flow: None,
+                    };
+                }
+                if let Some(flow) = self.registrations.flow_for_contact(msg.uri_bytes()) {
+                    return Target::Forward {
+                        dest: Dest::Flow(flow),
+                        public_flow: Some(flow),
+                    };
+                }
+                if in_dialog {
+                    if let Some(dest) = self.resolve_uri(&routes, &ruri, true, None) {
+                        return Target::Forward {
+                            dest,
+                            public_flow: None,
+                        };
+                    }
+                }
+                Target::Local(404, "Not Found")
+            }
+            Source::Trunk(t) => {
+                if in_dialog {
+                    return match self.resolve_uri(&routes, &ruri, false, None) {
+                        Some(dest) => Target::Forward { dest, public_flow },
+                        None => Target::Local(404, "Not Found"),
+                    };
+                }
+                self.to_pool(&routes, routes.trunks[t].pool, public_flow)
+            }
+            Source::Public => {
+                if method == Method::Register {
+                    if !routes.serves_domain(ruri.host_unbracketed()) {
+                        metrics::counter!("sbc_rejected_total", "reason" => "domain").increment(1);
+                        return Target::Local(403, "Forbidden (domain)");
+                    }
+                } else if !self.registrations.has_flow(&inb.flow) {
+                    // Not an open relay: only phones we hold a registration for may send.
+                    metrics::counter!("sbc_rejected_total", "reason" => "unknown_source")
+                        .increment(1);
+                    return Target::Local(403, "Forbidden");
+                }
+                if in_dialog {
+                    return match self.resolve_uri(&routes, &ruri, false, None) {
+                        Some(dest) => Target::Forward { dest, public_flow },
+                        None => Target::Local(404, "Not Found"),
+                    };
+                }
+                self.to_pool(&routes, routes.phone_pool, public_flow)
+            }
+            Source::Denied => Target::Drop,
+        }
+    }
+
+    fn to_pool(&self, routes: &RouteTable, pool: usize, public_flow: Option<Flow>) -> Target {
+        match routes.active_node(pool) {
+            Some(n) => {
+                let node = &routes.nodes[n];
+                Target::Forward {
+                    dest: peer_dest(
+                        node.transport,
+                        node.address,
+                        node.tls_server_name.as_deref(),
+                    ),
+                    public_flow,
+                }
+            }
+            None => Target::Local(503, "Service Unavailable"),
+        }
+    }
+
+    /// Resolves a URI to a destination we may send to: a configured node or trunk, or (for
+    /// requests from a node) a flow we hold. No DNS on this path: hosts must be IP literals
+    /// or a configured peer's name.
+    fn resolve_uri(
+        &self,
+        routes: &RouteTable,
+        uri: &Uri<'_>,
+        from_node: bool,
+        token: Option<Flow>,
+    ) -> Option<Dest> {
+        let transport = uri.transport()?;
+        let port = uri.port_or_default();
+        let addr = match uri.host_ip() {
+            Some(ip) => SocketAddr::new(ip, port),
+            None => {
+                let host = std::str::from_utf8(uri.host_unbracketed()).ok()?;
+                if let Some(t) = routes.trunk_for_host(host.as_bytes(), uri.port) {
+                    routes.trunks[t].address
+                } else {
+                    routes
+                        .nodes
+                        .iter()
+                        .find(|n| n.tls_server_name.as_deref() == Some(host))?
+                        .address
+                }
+            }
+        };
+        if let Some(n) = routes.node_by_addr(addr) {
+            let node = &routes.nodes[n];
+            return Some(peer_dest(
+                node.transport,
+                node.address,
+                node.tls_server_name.as_deref(),
+            ));
+        }
+        if let Some(t) = routes.trunk_by_addr(addr) {
+            let tr = &routes.trunks[t];
+            let t = cfg_transport(tr.transport);
+            let _ = transport;
+            return Some(self.dest_for(t, addr, tr.tls_server_name.as_deref()));
+        }
+        if from_node {
+            if let Some(flow) = token {
+                return Some(Dest::Flow(flow));
+            }
+        }
+        metrics::counter!("sbc_rejected_total", "reason" => "relay").increment(1);
+        None
+    }
+
+    fn dest_for(&self, transport: Transport, addr: SocketAddr, server_name: Option<&str>) -> Dest {
+        if transport == Transport::Udp {
+            if let Some(l) = self.pick_listener(Transport::Udp, addr, true) {
+                return Dest::Flow(Flow {
+                    transport,
+                    local: l.addr,
+                    remote: addr,
+                    conn: None,
+                });
+            }
+        }
+        Dest::Addr {
+            transport,
+            remote: addr,
+            server_name: server_name.map(Arc::from),
+        }
+    }
+
+    /// A listener of `transport` in the family of `remote`, preferring the side that faces it.
+    fn pick_listener(
+        &self,
+        transport: Transport,
+        remote: SocketAddr,
+        internal: bool,
+    ) -> Option<&LocalListener> {
+        let locals = self.locals();
+        let fam = |l: &&LocalListener| l.addr.is_ipv6() == remote.is_ipv6();
+        let side_ok = |l: &&LocalListener| {
+            if internal {
+                l.side.faces_internal()
+            } else {
+                l.side.faces_public()
+            }
+        };
+        locals
+            .iter()
+            .filter(|l| l.transport == transport)
+            .filter(fam)
+            .find(side_ok)
+            .or_else(|| locals.iter().filter(|l| l.transport == transport).find(fam))
+            .or_else(|| locals.iter().find(|l| l.transport == transport))
+    }
+
+    fn listener_for_flow(&self, flow: &Flow) -> Option<&LocalListener> {
+        let locals = self.locals();
+        locals
+            .iter()
+            .find(|l| l.transport == flow.transport && l.addr == flow.local)
+            .or_else(|| {
+                locals.iter().find(|l| {
+                    l.transport == flow.transport && l.addr.is_ipv6() == flow.remote.is_ipv6()
+                })
+            })
+            .or_else(|| locals.iter().find(|l| l.transport == flow.transport))
+    }
+
+    /// Whether a URI names this SBC (one of its listeners, by IP or advertised host).
+    fn is_local_uri(&self, raw: &[u8]) -> bool {
+        let Ok(uri) = Uri::parse(raw) else {
+            return false;
+        };
+        if !uri.is_sip() {
+            return false;
+        }
+        let ip = uri.host_ip();
+        self.locals().iter().any(|l| {
+            let host_match = match ip {
+                Some(ip) => ip == l.addr.ip() || l.host.as_bytes().eq_ignore_ascii_case(uri.host),
+                None => l.host.as_bytes().eq_ignore_ascii_case(uri.host),
+            };
+            host_match
+                && match uri.port {
+                    Some(p) => p == l.port,
+                    None => l.port == 5060 || l.port == 5061,
+                }
+        })
+    }
+
+    /// RFC 3261 16.3 step 4: a request carrying our Via with the same loop hash has looped.
+    fn is_loop(&self, msg: &Message) -> bool {
+        let hash = loop_hash(msg);
+        let mut marker = String::with_capacity(24);
+        let _ = write!(marker, "z9hG4bK-sbc-{hash:08x}-");
+        msg.values(HeaderName::Via).any(|(_, v)| {
+            sbc_sip::via::Via::parse(v).is_ok_and(|via| {
+                via.branch.is_some_and(|b| b.starts_with(marker.as_bytes()))
+                    && self
+                        .locals()
+                        .iter()
+                        .any(|l| l.host.as_bytes().eq_ignore_ascii_case(via.host))
+            })
+        })
+    }
+
+    /// Builds the forwarded request: our Via, received/rport, Max-Forwards, popped Routes,
+    /// Record-Route for dialog-creating requests, Path (and Supported: path) for REGISTER.
+    fn forward_bytes(
+        &self,
+        msg: &Message,
+        inb: &Inbound,
+        dest: &Dest,
+        public_flow: Option<Flow>,
+        via: &sbc_sip::via::Via<'_>,
+    ) -> Option<Bytes> {
+        let method = msg.method().unwrap_or(Method::Other);
+        let (out_transport, remote) = match dest {
+            Dest::Flow(f) => (f.transport, f.remote),
+            Dest::Addr {
+                transport, remote, ..
+            } => (*transport, *remote),
+        };
+        let toward_internal = !matches!(dest, Dest::Flow(f) if Some(*f) == public_flow);
+        let out_l = match dest {
+            Dest::Flow(f) if f.transport == Transport::Udp => self
+                .locals()
+                .iter()
+                .find(|l| l.transport == Transport::Udp && l.addr == f.local)
+                .or_else(|| self.pick_listener(out_transport, remote, toward_internal)),
+            Dest::Flow(f) => self.listener_for_flow(f),
+            _ => self.pick_listener(out_transport, remote, toward_internal),
+        }?
+        .clone();
+        let in_l = self.listener_for_flow(&inb.flow)?.clone();
+        let mut e = Edits::new();
+        // Our Via on top.
+        let hash = loop_hash(msg);
+        let n: u64 = rand::random();
+        e.insert_fmt(
+            edit::top_insert_point(msg, HeaderName::Via),
+            format_args!(
+                "Via: SIP/2.0/{} {}:{};branch=z9hG4bK-sbc-{hash:08x}-{n:x};rport\r\n",
+                out_l.transport.via_token(),
+                out_l.host,
+                out_l.port
+            ),
+        );
+        edit::stamp_via(
+            msg,
+            via,
+            inb.flow.remote.ip(),
+            inb.flow.remote.port(),
+            &mut e,
+        );
+        // Max-Forwards.
+        match (msg.header(HeaderName::MaxForwards), msg.max_forwards()) {
+            (Some(h), Some(mf)) => {
+                let v = (mf.saturating_sub(1)).to_string();
+                e.replace(h.value.range(), v.as_bytes());
+            }
+            _ => e.insert(msg.headers_end(), b"Max-Forwards: 70\r\n"),
+        }
+        // Our Route entries.
+        for (h, v) in msg.values(HeaderName::Route) {
+            let Ok(na) = NameAddr::parse(v) else { break };
+            if !self.is_local_uri(na.uri_raw) {
+                break;
+            }
+            e.delete(edit::remove_value_range(msg, h, v));
+        }
+        let token = public_flow.map(|f| self.tokens.encode(&f));
+        let user = token.as_ref().map(|t| format!("{t}@")).unwrap_or_default();
+        let dialog_creating = matches!(
+            method,
+            Method::Invite | Method::Subscribe | Method::Refer | Method::Notify
+        ) && msg.to_tag().is_none();
+        if dialog_creating {
+            let at = edit::top_insert_point(msg, HeaderName::RecordRoute);
+            if out_l.transport == in_l.transport && out_l.addr == in_l.addr {
+                e.insert_fmt(
+                    at,
+                    format_args!(
+                        "Record-Route: <sip:{user}{}:{};transport={};lr>\r\n",
+                        out_l.host,
+                        out_l.port,
+                        out_l.transport.uri_param()
+                    ),
+                );
+            } else {
+                // Two entries when the transport or interface changes (RFC 3261 16.6 step 4,
+                // the "double Record-Route" of RFC 5658).
+                e.insert_fmt(
+                    at,
+                    format_args!(
+                        "Record-Route: <sip:{user}{}:{};transport={};lr>, <sip:{user}{}:{};transport={};lr>\r\n",
+                        out_l.host,
+                        out_l.port,
+                        out_l.transport.uri_param(),
+                        in_l.host,
+                        in_l.port,
+                        in_l.transport.uri_param()
+                    ),
+                );
+            }
+        }
+        if method == Method::Register {
+            let at = edit::top_insert_point(msg, HeaderName::Path);
+            e.insert_fmt(
+                at,
+                format_args!(
+                    "Path: <sip:{user}{}:{};transport={};lr;ob>\r\n",
+                    out_l.host,
+                    out_l.port,
+                    out_l.transport.uri_param()
+                ),
+            );
+            let has_path = msg.values(HeaderName::Supported).any(|(_, v)| {
+                v.split(|&b| b == b',')
+                    .any(|t| sbc_sip::scan::trim(t).eq_ignore_ascii_case(b"path"))
+            });
+            if !has_path {
+                e.insert(msg.headers_end(), b"Supported: path\r\n");
+            }
+        }
+        Some(Bytes::from(e.apply(msg.as_bytes())))
+    }
+
+    // ----- responses -----
+
+    fn on_response(&self, msg: Message, inb: &Inbound, now: Instant, out: &mut Out) {
+        let status = msg.status().unwrap_or(0);
+        let Some(via) = msg.top_via() else { return };
+        let Some(branch) = via.branch else {
+            metrics::counter!("sbc_dropped_total", "reason" => "stray_response").increment(1);
+            return;
+        };
+        let key = TxKey {
+            branch: branch.into(),
+            method: method_key(msg.cseq_method()),
+        };
+        let mut after: Option<After> = None;
+        {
+            let mut core = self.core.lock();
+            let Some(&id) = core.client_idx.get(&key) else {
+                drop(core);
+                metrics::counter!("sbc_dropped_total", "reason" => "stray_response").increment(1);
+                tracing::debug!(status, from = %inb.flow.remote, "response matches no transaction");
+                return;
+            };
+            let Some(tx) = core.txs.get_mut(&id) else {
+                return;
+            };
+            let Some(b) = tx.branch.as_mut() else {
+                return;
+            };
+            if key.method == MethodKey::Cancel {
+                if let Some((c, _)) = b.cancel.as_mut() {
+                    c.handle_response(status, now);
+                }
+                self.drive(&mut core, id, now, out);
+                return;
+            }
+            let action = b.tx.handle_response(status, now);
+            if action == ResponseAction::Absorb {
+                self.drive(&mut core, id, now, out);
+                return;
+            }
+            if action == ResponseAction::ForwardAndAck {
+                if let Ok(fwd) = Message::parse(b.out.clone()) {
+                    let ack = build_hop_request(&fwd, "ACK", Some(&msg));
+                    b.tx.set_ack(Bytes::from(ack));
+                }
+            }
+            if (100..200).contains(&status) {
+                if tx.method == Method::Invite {
+                    tx.timer_c = Some(now + self.settings.timer_c);
+                }
+                if tx.cancel_pending {
+                    tx.cancel_pending = false;
+                    self.start_cancel(tx, now);
+                }
+            } else {
+                tx.timer_c = None;
+            }
+            if status != 100 {
+                // Forward: drop our Via.
+                let mut e = Edits::new();
+                if let Some(h) = msg.header(HeaderName::Via) {
+                    e.delete(edit::remove_value_range(&msg, h, via.raw));
+                }
+                let bytes = Bytes::from(e.apply(msg.as_bytes()));
+                if tx.server.send_response(status, bytes, now) {
+                    count_response(tx.method, status, "forwarded");
+                    if status >= 200 {
+                        tx.final_sent = true;
+                    }
+                } else if (200..300).contains(&status) && tx.method == Method::Invite {
+                    // A 2xx after our server transaction finished still goes upstream:
+                    // 2xx are end to end (RFC 3261 16.7 step 10).
+                    let mut e = Edits::new();
+                    if let Some(h) = msg.header(HeaderName::Via) {
+                        e.delete(edit::remove_value_range(&msg, h, via.raw));
+                    }
+                    out.push((Dest::Flow(tx.in_flow), Bytes::from(e.apply(msg.as_bytes()))));
+                }
+                if (200..300).contains(&status) {
+                    if let Some(flow) = tx.register_flow {
+                        after = Some(After::Register {
+                            flow,
+                            request: tx.request.clone(),
+                            response: msg.clone(),
+                        });
+                    }
+                }
+            }
+            self.drive(&mut core, id, now, out);
+        }
+        match after {
+            Some(After::Register {
+                flow,
+                request,
+                response,
+            }) => self.registrations.record(flow, &request, &response, now),
+            None => {}
+        }
+    }
+
+    fn on_parse_error(&self, inb: &Inbound, err: sbc_sip::ParseError, out: &mut Out) {
+        metrics::counter!("sbc_parse_errors_total", "kind" => err.label()).increment(1);
+        tracing::debug!(from = %inb.flow.remote, %err, "unparseable message");
+        if let Some(resp) = edit::response_to_unparsed(&inb.data, err.sip_status(), &err.reason()) {
+            out.push((Dest::Flow(inb.flow), Bytes::from(resp)));
+        }
+    }
+}
+
+impl Handler for Proxy {
+    fn on_message(&self, inb: Inbound) {
+        let now = Instant::now();
+        let mut out = Out::new();
+        match Message::parse_with(inb.data.clone(), &self.settings.limits) {
+            Err(e) => self.on_parse_error(&inb, e, &mut out),
+            Ok(msg) if msg.is_request() => self.on_request(msg, &inb, now, &mut out),
+            Ok(msg) => self.on_response(msg, &inb, now, &mut out),
+        }
+        self.flush(out);
+    }
+
+    fn on_flow_closed(&self, flow: &Flow) {
+        self.registrations.flow_closed(flow);
+    }
+
+    fn on_send_error(&self, dest: &Dest, data: &Bytes, err: &SendError) {
+        self.send_failed(dest, data, err);
+    }
+}
+
+fn min_opt(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, None) => x,
+        (None, y) => y,
+    }
+}
+
+fn method_key(m: Method) -> MethodKey {
+    match m {
+        Method::Invite | Method::Ack => MethodKey::Invite,
+        Method::Cancel => MethodKey::Cancel,
+        other => MethodKey::Other(other),
+    }
+}
+
+/// RFC 3261 17.2.3 matching key; RFC 2543 requests (no magic cookie) get a key from the
+/// fields that identify their transaction.
+fn server_key(msg: &Message, via: &sbc_sip::via::Via<'_>) -> TxKey {
+    let method = method_key(msg.method().unwrap_or(Method::Other));
+    if via.has_rfc3261_branch() {
+        let mut b = Vec::with_capacity(via.branch.map_or(0, |b| b.len()) + via.host.len() + 8);
+        b.extend_from_slice(via.branch.unwrap_or_default());
+        b.push(b'|');
+        b.extend_from_slice(via.host);
+        let _ = write!(AsFmt(&mut b), ":{}", via.port.unwrap_or(0));
+        return TxKey {
+            branch: b.into(),
+            method,
+        };
+    }
+    let mut b = Vec::with_capacity(128);
+    b.extend_from_slice(b"2543|");
+    b.extend_from_slice(msg.call_id());
+    let _ = write!(AsFmt(&mut b), "|{}|", msg.cseq());
+    b.extend_from_slice(msg.from_tag().unwrap_or_default());
+    b.push(b'|');
+    b.extend_from_slice(via.raw);
+    TxKey {
+        branch: b.into(),
+        method,
+    }
+}
+
+struct AsFmt<'a>(&'a mut Vec<u8>);
+impl std::fmt::Write for AsFmt<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+/// Hash of the fields RFC 3261 16.6 step 8 names for loop detection.
+fn loop_hash(msg: &Message) -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = ahash::RandomState::with_seeds(1, 2, 3, 4).build_hasher();
+    h.write(msg.uri_bytes());
+    h.write(msg.from_tag().unwrap_or_default());
+    h.write(msg.to_tag().unwrap_or_default());
+    h.write(msg.call_id());
+    h.write_u32(msg.cseq());
+    if let Some(pr) = msg.header_value(HeaderName::ProxyRequire) {
+        h.write(pr);
+    }
+    h.finish() as u32
+}
+
+/// ACK (for a non-2xx) or CANCEL built from the request we forwarded (RFC 3261 17.1.1.3,
+/// 9.1): same Request-URI, our Via only, same Route, From, Call-ID, CSeq number; To from the
+/// response for ACK.
+fn build_hop_request(fwd: &Message, method: &str, resp: Option<&Message>) -> Vec<u8> {
+    let buf = fwd.as_bytes();
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(fwd.uri_bytes());
+    out.extend_from_slice(b" SIP/2.0\r\n");
+    if let Some(v) = fwd.top_via() {
+        out.extend_from_slice(b"Via: ");
+        out.extend_from_slice(v.raw);
+        out.extend_from_slice(b"\r\n");
+    }
+    for h in fwd.headers() {
+        match h.name {
+            HeaderName::Route | HeaderName::From | HeaderName::CallId => {
+                out.extend_from_slice(&buf[h.line.range()]);
+            }
+            HeaderName::To if resp.is_none() => out.extend_from_slice(&buf[h.line.range()]),
+            _ => {}
+        }
+    }
+    if let Some(r) = resp {
+        if let Some(h) = r.header(HeaderName::To) {
+            out.extend_from_slice(&r.as_bytes()[h.line.range()]);
+        }
+    }
+    let _ = write!(
+        AsFmt(&mut out),
+        "Max-Forwards: 70\r\nCSeq: {} {method}\r\nContent-Length: 0\r\n\r\n",
+        fwd.cseq()
+    );
+    out
+}
+
+fn cfg_transport(t: sbc_config::Transport) -> Transport {
+    match t {
+        sbc_config::Transport::Udp => Transport::Udp,
+        sbc_config::Transport::Tcp => Transport::Tcp,
+        sbc_config::Transport::Tls => Transport::Tls,
+    }
+}
+
+fn peer_dest(t: sbc_config::Transport, addr: SocketAddr, server_name: Option<&str>) -> Dest {
+    Dest::Addr {
+        transport: cfg_transport(t),
+        remote: addr,
+        server_name: server_name.map(Arc::from),
+    }
+}
+
+fn dest_transport(d: &Dest) -> Transport {
+    match d {
+        Dest::Flow(f) => f.transport,
+        Dest::Addr { transport, .. } => *transport,
+    }
+}
+
+fn count_response(method: Method, status: u16, origin: &'static str) {
+    metrics::counter!(
+        "sbc_sip_responses_total",
+        "method" => method.as_str(),
+        "code" => status_label(status),
+        "origin" => origin
+    )
+    .increment(1);
+}
+
+/// Status codes as static labels; rare ones collapse to their class to bound cardinality.
+fn status_label(status: u16) -> &'static str {
+    match status {
+        100 => "100",
+        180 => "180",
+        183 => "183",
+        200 => "200",
+        202 => "202",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        407 => "407",
+        408 => "408",
+        480 => "480",
+        481 => "481",
+        483 => "483",
+        486 => "486",
+        487 => "487",
+        500 => "500",
+        503 => "503",
+        s if s < 200 => "1xx",
+        s if s < 300 => "2xx",
+        s if s < 400 => "3xx",
+        s if s < 500 => "4xx",
+        s if s < 600 => "5xx",
+        _ => "6xx",
+    }
+}
