@@ -850,16 +850,9 @@ pub(crate) fn answerable(buf: &[u8]) -> Option<(RawIndex, bool)> {
     if is_response {
         return None;
     }
-    let via = raw.headers.iter().find(|h| h.name == HeaderName::Via)?;
-    let top = first_via_value(&buf[via.value.range()])?;
-    Via::parse(top).ok()?;
-    for n in [
-        HeaderName::From,
-        HeaderName::To,
-        HeaderName::CallId,
-        HeaderName::CSeq,
-    ] {
-        raw.headers.iter().find(|h| h.name == n)?;
-    }
+    // Answer whenever there is a Via to send the response by, even an unparseable one
+    // (RFC 4475 "badinv01", "insuf": a 400 where possible); the transport sends it back over
+    // the flow the request came from anyway.
+    raw.headers.iter().find(|h| h.name == HeaderName::Via)?;
     Some((raw, true))
 }
