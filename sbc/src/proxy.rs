@@ -1305,6 +1305,11 @@ fn loop_hash(msg: &Message) -> u32 {
     if let Some(pr) = msg.header_value(HeaderName::ProxyRequire) {
         h.write(pr);
     }
+    // The Route set tells a spiral (the request comes back with fewer Routes, e.g. an
+    // in-dialog BYE through SBC, PBX, SBC) from a loop.
+    for (_, v) in msg.values(HeaderName::Route) {
+        h.write(v);
+    }
     h.finish() as u32
 }
 
