@@ -29,6 +29,7 @@ async fn recv(s: &UdpSocket, what: &str, log: &dyn Fn() -> String) -> Message {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn request(
     method: &str,
     ruri: &str,
