@@ -1,0 +1,222 @@
+//! End to end through a running SBC with the scripted peers: phones over UDP, TCP and TLS
+//! register with digest auth to the scripted PBX; calls phone -> trunk and trunk -> phone
+//! (including a phone behind a simulated NAT); CANCEL; 486 and 404.
+
+use sbc_sip::Transport;
+use sbc_tests::pbx::{Pbx, PbxConfig};
+use sbc_tests::phone::{Phone, PhoneConfig};
+use sbc_tests::pki::TestPki;
+use sbc_tests::trunk::Trunk;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+struct Lab {
+    sbc: sbc::Sbc,
+    pbx: Pbx,
+    trunk: Trunk,
+    pki: TestPki,
+    _dir: std::path::PathBuf,
+}
+
+fn free_udp(ip: &str) -> SocketAddr {
+    let s = std::net::UdpSocket::bind(format!("{ip}:0")).expect("bind");
+    s.local_addr().expect("addr")
+}
+
+async fn lab(trunk_ip: &str) -> Lab {
+    let pki = TestPki::new(&["sbc.test"]).expect("pki");
+    let dir = std::env::temp_dir().join(format!(
+        "sbc-e2e-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).expect("tmp");
+    std::fs::write(dir.join("cert.pem"), &pki.cert_pem).expect("cert");
+    std::fs::write(dir.join("key.pem"), &pki.key_pem).expect("key");
+    let pbx_addr = free_udp("127.0.0.2");
+    let trunk_addr = free_udp(trunk_ip);
+    let cfg = format!(
+        r#"
+[[listen]]
+transport = "udp"
+addr = "127.0.0.1:0"
+[[listen]]
+transport = "tcp"
+addr = "127.0.0.1:0"
+[[listen]]
+transport = "tls"
+addr = "127.0.0.1:0"
+cert = "{dir}/cert.pem"
+key = "{dir}/key.pem"
+[[pool]]
+name = "pbx"
+[[pool.node]]
+name = "pbx-a"
+address = "{pbx_addr}"
+[[trunk]]
+name = "carrier"
+sources = ["{trunk_ip}"]
+address = "{trunk_addr}"
+domains = ["carrier.test"]
+[phones]
+sources = ["127.0.0.0/8"]
+"#,
+        dir = dir.display()
+    );
+    let cfg = sbc_config::parse(&cfg, Path::new("e2e.toml")).expect("config");
+    let sbc = sbc::Sbc::start(&cfg).await.expect("sbc");
+    let udp = sbc.addr(Transport::Udp).expect("udp");
+    let pbx = Pbx::start(
+        PbxConfig::new(pbx_addr, "pbx.test", udp)
+            .user("alice", "a-secret")
+            .user("bob", "b-secret")
+            .user("carol", "c-secret")
+            .trunk("9", "carrier.test"),
+    )
+    .await
+    .expect("pbx");
+    let trunk = Trunk::start(trunk_addr, udp).await.expect("trunk");
+    Lab {
+        sbc,
+        pbx,
+        trunk,
+        pki,
+        _dir: dir,
+    }
+}
+
+async fn phone(lab: &Lab, user: &str, pw: &str, transport: Transport, nat: Option<u16>) -> Phone {
+    let mut c = PhoneConfig::new(
+        user,
+        "pbx.test",
+        pw,
+        lab.sbc.addr(transport).expect("listener"),
+    );
+    c.transport = transport;
+    c.tls_ca = Some(lab.pki.ca_pem.clone().into_bytes());
+    c.tls_server_name = "sbc.test".into();
+    c.contact_port_override = nat;
+    Phone::new(c).await.expect("phone")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn phones_register_over_every_transport_with_digest() {
+    let lab = lab("127.0.0.30").await;
+    // Phones stay alive: a TCP/TLS phone's registration ends with its connection (RFC 5626).
+    let mut phones = Vec::new();
+    for (user, pw, t) in [
+        ("alice", "a-secret", Transport::Udp),
+        ("bob", "b-secret", Transport::Tcp),
+        ("carol", "c-secret", Transport::Tls),
+    ] {
+        let p = phone(&lab, user, pw, t, None).await;
+        let r = p.register(300).await.expect("register");
+        assert_eq!(r.status(), Some(200), "{user} over {t}");
+        phones.push(p);
+    }
+    let regs = lab.pbx.registrations();
+    assert_eq!(regs.len(), 3);
+    for r in &regs {
+        assert_eq!(r.path.len(), 1, "one Path from the SBC: {r:?}");
+        assert!(r.path[0].contains(";lr"), "{:?}", r.path);
+        assert_eq!(r.received_from.ip().to_string(), "127.0.0.1");
+    }
+    assert_eq!(lab.sbc.proxy.registrations.len(), 3);
+    // Closing the TCP phone's connection drops its flow.
+    phones[1].endpoint().close_wait().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(lab.sbc.proxy.registrations.len(), 2);
+    // The PBX challenged each once (digest passes through untouched).
+    assert_eq!(lab.pbx.stats().local_of(401), 3);
+    lab.sbc.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn phone_calls_trunk_and_trunk_calls_natted_phone() {
+    let lab = lab("127.0.0.31").await;
+    // alice sits behind a NAT: her Contact names a port she does not send from.
+    let alice = phone(&lab, "alice", "a-secret", Transport::Udp, Some(1)).await;
+    assert_eq!(alice.register(300).await.expect("reg").status(), Some(200));
+    let bob = phone(&lab, "bob", "b-secret", Transport::Tcp, None).await;
+    assert_eq!(bob.register(300).await.expect("reg").status(), Some(200));
+
+    // bob -> trunk number 95551234.
+    let trunk = &lab.trunk;
+    let (call, inc) = tokio::join!(bob.invite("sip:95551234@pbx.test"), async {
+        let inc = trunk
+            .wait_invite(Duration::from_secs(3))
+            .await
+            .expect("trunk gets INVITE");
+        let c = trunk.answer(&inc, 200).await.expect("answer");
+        (inc, c)
+    });
+    let call = call.expect("call");
+    assert_eq!(call.final_status, 200);
+    let (inc, tcall) = inc;
+    assert_eq!(
+        inc.from,
+        lab.sbc.addr(Transport::Udp).expect("udp"),
+        "the trunk hears the SBC"
+    );
+    let (bye, _) = tokio::join!(
+        trunk.bye(&tcall),
+        bob.wait_request_and_answer(sbc_sip::Method::Bye, Duration::from_secs(3))
+    );
+    assert_eq!(bye.expect("bye").status(), Some(200));
+
+    // trunk -> alice: arrives on alice's own flow despite her NAT'd Contact.
+    let (call, answered) = tokio::join!(trunk.invite("sip:alice@pbx.test"), async {
+        let inc = alice
+            .wait_invite(Duration::from_secs(3))
+            .await
+            .expect("alice gets INVITE");
+        alice.answer(&inc, 200).await.expect("answer")
+    });
+    let call = call.expect("trunk call");
+    assert_eq!(call.final_status, 200);
+    let (bye, _) = tokio::join!(
+        alice.bye(&answered),
+        trunk.wait_request_and_answer(sbc_sip::Method::Bye, Duration::from_secs(3))
+    );
+    assert_eq!(bye.expect("bye").status(), Some(200));
+    lab.sbc.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_busy_and_not_found() {
+    let lab = lab("127.0.0.32").await;
+    let alice = phone(&lab, "alice", "a-secret", Transport::Udp, None).await;
+    let bob = phone(&lab, "bob", "b-secret", Transport::Udp, None).await;
+    alice.register(300).await.expect("reg");
+    bob.register(300).await.expect("reg");
+
+    // CANCEL of a ringing call.
+    let (call, inc) = tokio::join!(
+        alice.invite_until_ringing("sip:bob@pbx.test"),
+        bob.wait_invite(Duration::from_secs(3))
+    );
+    let call = call.expect("ringing");
+    let inc = inc.expect("bob rings");
+    let (fin, cancelled) = tokio::join!(
+        alice.cancel(&call),
+        bob.wait_cancel(&inc, Duration::from_secs(3))
+    );
+    cancelled.expect("bob sees the CANCEL");
+    assert_eq!(fin.expect("487").status(), Some(487));
+
+    // 486 from bob.
+    let (call, _) = tokio::join!(alice.invite("sip:bob@pbx.test"), async {
+        let inc = bob
+            .wait_invite(Duration::from_secs(3))
+            .await
+            .expect("invite");
+        bob.answer(&inc, 486).await
+    });
+    assert_eq!(call.expect("call").final_status, 486);
+
+    // 404 for an unknown user.
+    let call = alice.invite("sip:nobody@pbx.test").await.expect("call");
+    assert_eq!(call.final_status, 404);
+    lab.sbc.shutdown();
+}
