@@ -289,7 +289,12 @@ impl Proxy {
         let Some(tx) = core.txs.get_mut(&id) else {
             return;
         };
-        // Client side first: its events may produce upstream responses.
+        // Upstream responses already queued (100 Trying) go out before the request is
+        // forwarded, so the caller stops retransmitting as early as possible.
+        while let Some(bytes) = tx.server.poll_transmit() {
+            out.push((Dest::Flow(tx.in_flow), bytes));
+        }
+        // Client side next: its events may produce more upstream responses.
         let mut branch_done = false;
         let mut cancel_done = None;
         if let Some(b) = tx.branch.as_mut() {
@@ -855,7 +860,8 @@ impl Proxy {
         from_node: bool,
         token: Option<Flow>,
     ) -> Option<Dest> {
-        let transport = uri.transport()?;
+        // An unknown transport parameter names nothing we can reach.
+        uri.transport()?;
         let port = uri.port_or_default();
         let addr = match uri.host_ip() {
             Some(ip) => SocketAddr::new(ip, port),
@@ -883,7 +889,6 @@ impl Proxy {
         if let Some(t) = routes.trunk_by_addr(addr) {
             let tr = &routes.trunks[t];
             let t = cfg_transport(tr.transport);
-            let _ = transport;
             return Some(self.dest_for(t, addr, tr.tls_server_name.as_deref()));
         }
         if from_node {

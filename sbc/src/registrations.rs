@@ -56,7 +56,6 @@ impl Registrations {
             .header_value(HeaderName::Expires)
             .and_then(|e| parse_decimal(trim(e), u32::MAX as u64));
         let mut inner = self.inner.write();
-        let mut max_exp: Option<u64> = None;
         for (_, v) in request.values(HeaderName::Contact) {
             if trim(v) == b"*" {
                 // Remove every binding this flow made.
@@ -104,7 +103,6 @@ impl Registrations {
                 continue;
             }
             let until = now + Duration::from_secs(exp);
-            max_exp = Some(max_exp.map_or(exp, |m| m.max(exp)));
             inner.by_contact.insert(key.clone(), (flow, until));
             let e = inner.by_flow.entry(flow).or_insert_with(|| FlowEntry {
                 contacts: SmallVec::new(),
@@ -115,7 +113,6 @@ impl Registrations {
             }
             e.expires = e.expires.max(until);
         }
-        let _ = max_exp;
         metrics::gauge!("sbc_registrations").set(inner.by_flow.len() as f64);
     }
 
