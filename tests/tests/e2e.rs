@@ -220,3 +220,97 @@ async fn cancel_busy_and_not_found() {
     assert_eq!(call.final_status, 404);
     lab.sbc.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reinvite_and_bye_from_either_side() {
+    let lab = lab("127.0.0.33").await;
+    let alice = phone(&lab, "alice", "a-secret", Transport::Udp, None).await;
+    let bob = phone(&lab, "bob", "b-secret", Transport::Tls, None).await;
+    alice.register(300).await.expect("reg");
+    bob.register(300).await.expect("reg");
+
+    for callee_hangs_up in [false, true] {
+        let (call, answered) = tokio::join!(alice.invite("sip:bob@pbx.test"), async {
+            let inc = bob
+                .wait_invite(Duration::from_secs(3))
+                .await
+                .expect("invite");
+            bob.answer(&inc, 200).await.expect("answer")
+        });
+        let mut call = call.expect("call");
+        assert_eq!(call.final_status, 200);
+        let mut answered = answered;
+
+        // Re-INVITE from the caller, then from the callee: both reach the other end.
+        let (r, got) = tokio::join!(
+            alice.reinvite(&mut call),
+            bob.wait_request_and_answer(sbc_sip::Method::Invite, Duration::from_secs(3))
+        );
+        assert_eq!(r.expect("re-INVITE").status(), Some(200));
+        assert!(got.expect("bob sees it").has_body(), "SDP carried");
+        let (r, _) = tokio::join!(
+            bob.reinvite(&mut answered),
+            alice.wait_request_and_answer(sbc_sip::Method::Invite, Duration::from_secs(3))
+        );
+        assert_eq!(r.expect("re-INVITE from callee").status(), Some(200));
+
+        let bye = if callee_hangs_up {
+            let (bye, _) = tokio::join!(
+                bob.bye(&answered),
+                alice.wait_request_and_answer(sbc_sip::Method::Bye, Duration::from_secs(3))
+            );
+            bye
+        } else {
+            let (bye, _) = tokio::join!(
+                alice.bye(&call),
+                bob.wait_request_and_answer(sbc_sip::Method::Bye, Duration::from_secs(3))
+            );
+            bye
+        };
+        assert_eq!(bye.expect("bye").status(), Some(200));
+    }
+    lab.sbc.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_responses_are_retransmitted_over_udp() {
+    let lab = lab("127.0.0.34").await;
+    let alice = phone(&lab, "alice", "a-secret", Transport::Udp, None).await;
+    let bob = phone(&lab, "bob", "b-secret", Transport::Udp, None).await;
+
+    // The first 200 to REGISTER is lost on its way to alice: she retransmits the REGISTER and
+    // the SBC's server transaction answers again (the PBX sees the request once more at most).
+    alice.endpoint().drop_incoming(1, |m| {
+        m.status() == Some(200) && m.cseq_method() == sbc_sip::Method::Register
+    });
+    let r = alice
+        .register(300)
+        .await
+        .expect("register despite a lost 200");
+    assert_eq!(r.status(), Some(200));
+    assert_eq!(alice.endpoint().dropped_count(), 1);
+    bob.register(300).await.expect("reg");
+
+    // The 200 to an INVITE is lost on its way to the caller: the callee retransmits it
+    // (RFC 3261 13.3.1.4) and the SBC forwards the retransmission (2xx are end to end).
+    alice.endpoint().drop_incoming(1, |m| {
+        m.status() == Some(200) && m.cseq_method() == sbc_sip::Method::Invite
+    });
+    let (call, answered) = tokio::join!(alice.invite("sip:bob@pbx.test"), async {
+        let inc = bob
+            .wait_invite(Duration::from_secs(3))
+            .await
+            .expect("invite");
+        bob.answer(&inc, 200).await
+    });
+    let call = call.expect("call survives a lost 200");
+    assert_eq!(call.final_status, 200);
+    assert_eq!(alice.endpoint().dropped_count(), 2);
+    let answered = answered.expect("bob got his ACK after retransmitting");
+    let (bye, _) = tokio::join!(
+        bob.bye(&answered),
+        alice.wait_request_and_answer(sbc_sip::Method::Bye, Duration::from_secs(3))
+    );
+    assert_eq!(bye.expect("bye").status(), Some(200));
+    lab.sbc.shutdown();
+}
