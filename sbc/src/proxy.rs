@@ -484,7 +484,7 @@ impl Proxy {
             // ACK for a 2xx: end to end, stateless.
             match self.route(&msg, inb) {
                 Target::Forward { dest, public_flow } => {
-                    if let Some(bytes) = self.forward_bytes(&msg, inb, &dest, public_flow, &via) {
+                    if let Some((bytes, _)) = self.forward(&msg, inb, &dest, public_flow, &via) {
                         out.push((dest, bytes));
                     }
                 }
@@ -582,14 +582,7 @@ impl Proxy {
             }
             Target::Drop => return,
         };
-        let Some(bytes) = self.forward_bytes(&msg, inb, &dest, public_flow, &via) else {
-            return self.reply(&msg, inb, 500, "Server Internal Error", out);
-        };
-        let out_msg = Message::parse(bytes.clone()).ok();
-        let Some(out_branch) = out_msg
-            .as_ref()
-            .and_then(|m| m.top_via().and_then(|v| v.branch.map(Box::<[u8]>::from)))
-        else {
+        let Some((bytes, out_branch)) = self.forward(&msg, inb, &dest, public_flow, &via) else {
             return self.reply(&msg, inb, 500, "Server Internal Error", out);
         };
 
@@ -996,14 +989,15 @@ impl Proxy {
 
     /// Builds the forwarded request: our Via, received/rport, Max-Forwards, popped Routes,
     /// Record-Route for dialog-creating requests, Path (and Supported: path) for REGISTER.
-    fn forward_bytes(
+    /// Returns it with the branch of our Via, the client transaction's key.
+    fn forward(
         &self,
         msg: &Message,
         inb: &Inbound,
         dest: &Dest,
         public_flow: Option<Flow>,
         via: &sbc_sip::via::Via<'_>,
-    ) -> Option<Bytes> {
+    ) -> Option<(Bytes, Box<[u8]>)> {
         let method = msg.method().unwrap_or(Method::Other);
         let (out_transport, remote) = match dest {
             Dest::Flow(f) => (f.transport, f.remote),
@@ -1027,10 +1021,12 @@ impl Proxy {
         // Our Via on top.
         let hash = loop_hash(msg);
         let n: u64 = rand::random();
+        let mut branch = String::with_capacity(40);
+        let _ = write!(branch, "z9hG4bK-sbc-{hash:08x}-{n:x}");
         e.insert_fmt(
             edit::top_insert_point(msg, HeaderName::Via),
             format_args!(
-                "Via: SIP/2.0/{} {}:{};branch=z9hG4bK-sbc-{hash:08x}-{n:x};rport\r\n",
+                "Via: SIP/2.0/{} {}:{};branch={branch};rport\r\n",
                 out_l.transport.via_token(),
                 out_l.host,
                 out_l.port
@@ -1113,7 +1109,10 @@ impl Proxy {
                 e.insert(msg.headers_end(), b"Supported: path\r\n");
             }
         }
-        Some(Bytes::from(e.apply(msg.as_bytes())))
+        Some((
+            Bytes::from(e.apply(msg.as_bytes())),
+            branch.into_bytes().into_boxed_slice(),
+        ))
     }
 
     // ----- responses -----
