@@ -43,6 +43,9 @@ pub struct PoolRoute {
     pub name: String,
     /// Node indices in priority order.
     pub nodes: Vec<usize>,
+    /// How long a new INVITE/REGISTER waits for any response from a node before the next
+    /// node is tried.
+    pub branch_timeout: std::time::Duration,
 }
 
 /// Who sent a request, decided by source address alone (RFC 3261 gives no better
@@ -90,6 +93,7 @@ impl RouteTable {
             pools.push(PoolRoute {
                 name: p.name.clone(),
                 nodes: idx,
+                branch_timeout: std::time::Duration::from_secs(1),
             });
         }
         let trunks = cfg

@@ -83,6 +83,34 @@ struct Branch {
     cancel: Option<(ClientTransaction, TxKey)>,
 }
 
+/// What a transaction sent to a PBX node came to; live traffic is health evidence too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeOutcome {
+    Answered(u16),
+    Timeout,
+    TransportError,
+}
+
+/// Chooses the nodes a new transaction tries, in order, and hears how each attempt went.
+/// The health monitor implements it; without one, a pool's nodes are tried in config order.
+pub trait NodeSelector: Send + Sync {
+    fn candidates(&self, pool: usize) -> SmallVec<[usize; 4]>;
+    fn observe(&self, node: usize, outcome: NodeOutcome);
+}
+
+/// A new INVITE or REGISTER routed to a pool: the nodes it may still try. A node that sends
+/// nothing within the pool's branch timeout, fails at the transport, or answers 503 before
+/// any provisional is skipped at once, so callers see no failure while health detection is
+/// still counting (far below Timer B).
+struct Failover {
+    nodes: SmallVec<[(usize, Dest); 4]>,
+    pos: usize,
+    public_flow: Option<Flow>,
+    deadline: Option<Instant>,
+    timeout: Duration,
+    answered: bool,
+}
+
 struct ProxyTx {
     server: ServerTransaction,
     server_key: TxKey,
@@ -97,6 +125,7 @@ struct ProxyTx {
     /// For REGISTER: the phone's flow, to record on a 2xx.
     register_flow: Option<Flow>,
     local_tag: u64,
+    failover: Option<Failover>,
 }
 
 #[derive(Default)]
@@ -126,6 +155,7 @@ pub struct Proxy {
     pub registrations: Registrations,
     settings: ProxySettings,
     timer_wake: tokio::sync::Notify,
+    selector: RwLock<Option<Arc<dyn NodeSelector>>>,
 }
 
 /// What a request is routed to.
@@ -133,6 +163,11 @@ enum Target {
     Forward {
         dest: Dest,
         /// The public-side flow of this dialog, written into Record-Route.
+        public_flow: Option<Flow>,
+    },
+    /// A new dialog or registration for a pool: its nodes in the order to try.
+    Pool {
+        pool: usize,
         public_flow: Option<Flow>,
     },
     Local(u16, &'static str),
@@ -150,6 +185,7 @@ impl Proxy {
             registrations: Registrations::default(),
             settings,
             timer_wake: tokio::sync::Notify::new(),
+            selector: RwLock::new(None),
         })
     }
 
@@ -163,6 +199,100 @@ impl Proxy {
     /// Swaps the route table; transactions in flight keep the destinations they chose.
     pub fn set_routes(&self, routes: RouteTable) {
         *self.routes.write() = Arc::new(routes);
+    }
+
+    /// Installs the health monitor that orders nodes and hears outcomes.
+    pub fn set_selector(&self, selector: Arc<dyn NodeSelector>) {
+        *self.selector.write() = Some(selector);
+    }
+
+    fn observe(&self, node: usize, outcome: NodeOutcome) {
+        if let Some(s) = self.selector.read().as_ref() {
+            s.observe(node, outcome);
+        }
+    }
+
+    fn candidates(&self, routes: &RouteTable, pool: usize) -> SmallVec<[usize; 4]> {
+        if let Some(s) = self.selector.read().as_ref() {
+            return s.candidates(pool);
+        }
+        routes
+            .pools
+            .get(pool)
+            .map(|p| p.nodes.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Moves a new transaction to its next candidate node after `outcome` on the current
+    /// one. Returns false when no node is left (the caller answers upstream).
+    fn next_node(
+        &self,
+        tx: &mut ProxyTx,
+        client_idx: &mut AHashMap<TxKey, u64>,
+        id: u64,
+        outcome: NodeOutcome,
+        now: Instant,
+    ) -> bool {
+        let Some(f) = tx.failover.as_mut() else {
+            return false;
+        };
+        let failed = f.nodes[f.pos].0;
+        if f.pos + 1 >= f.nodes.len() {
+            f.deadline = None;
+            return false;
+        }
+        f.pos += 1;
+        let (node, dest) = f.nodes[f.pos].clone();
+        let public_flow = f.public_flow;
+        self.observe(failed, outcome);
+        metrics::counter!("sbc_branch_retries_total", "reason" => outcome_label(outcome))
+            .increment(1);
+        tracing::debug!(failed, node, ?outcome, "retrying on the next node");
+        if let Some(old) = tx.branch.take() {
+            let mut old_tx = old.tx;
+            old_tx.terminate();
+            client_idx.remove(&old.key);
+            if let Some((_, k)) = old.cancel {
+                client_idx.remove(&k);
+            }
+        }
+        tx.timer_c = None;
+        if tx.cancel_pending {
+            // The caller gave up meanwhile: nothing to retry for.
+            self.local_final(tx, 487, "Request Terminated", now);
+            return true;
+        }
+        let Some(via) = tx.request.top_via() else {
+            return false;
+        };
+        let Some((bytes, branch)) =
+            self.forward(&tx.request, &tx.in_flow, &dest, public_flow, &via)
+        else {
+            return false;
+        };
+        let key = TxKey {
+            branch,
+            method: method_key(tx.method),
+        };
+        tx.branch = Some(Branch {
+            tx: ClientTransaction::new(
+                tx.method == Method::Invite,
+                dest_transport(&dest).is_reliable(),
+                bytes.clone(),
+                now,
+                self.settings.timers,
+            ),
+            key: key.clone(),
+            dest,
+            out: bytes,
+            cancel: None,
+        });
+        client_idx.insert(key, id);
+        if let Some(f) = tx.failover.as_mut() {
+            f.answered = false;
+            f.deadline = Some(now + f.timeout);
+        }
+        true
     }
 
     pub fn transaction_count(&self) -> usize {
@@ -230,9 +360,23 @@ impl Proxy {
                     break;
                 }
                 core.timers.pop();
-                let Some(tx) = core.txs.get_mut(&id) else {
+                let Core {
+                    txs, client_idx, ..
+                } = &mut *core;
+                let Some(tx) = txs.get_mut(&id) else {
                     continue;
                 };
+                let branch_expired = tx
+                    .failover
+                    .as_ref()
+                    .is_some_and(|f| !f.answered && f.deadline.is_some_and(|d| d <= now));
+                // Last node: keep waiting under the normal timers.
+                if branch_expired && !self.next_node(tx, client_idx, id, NodeOutcome::Timeout, now)
+                {
+                    if let Some(f) = tx.failover.as_mut() {
+                        f.deadline = None;
+                    }
+                }
                 if tx.scheduled == Some(at) {
                     tx.scheduled = None;
                 }
@@ -296,6 +440,7 @@ impl Proxy {
         }
         // Client side next: its events may produce more upstream responses.
         let mut branch_done = false;
+        let mut retry: Option<NodeOutcome> = None;
         let mut cancel_done = None;
         if let Some(b) = tx.branch.as_mut() {
             while let Some(bytes) = b.tx.poll_transmit() {
@@ -320,14 +465,34 @@ impl Proxy {
                     ClientEvent::Timeout => {
                         metrics::counter!("sbc_branch_failures_total", "reason" => "timeout")
                             .increment(1);
-                        self.local_final(tx, 408, "Request Timeout", now);
+                        retry = Some(NodeOutcome::Timeout);
                     }
                     ClientEvent::TransportError => {
                         metrics::counter!("sbc_branch_failures_total", "reason" => "transport")
                             .increment(1);
-                        self.local_final(tx, 503, "Service Unavailable", now);
+                        retry = Some(NodeOutcome::TransportError);
                     }
                     ClientEvent::Terminated => branch_done = true,
+                }
+            }
+        }
+        if let Some(outcome) = retry {
+            let Core {
+                txs, client_idx, ..
+            } = &mut *core;
+            if let Some(tx) = txs.get_mut(&id) {
+                if self.next_node(tx, client_idx, id, outcome, now) {
+                    // A fresh branch: drive again to send it.
+                    return self.drive(core, id, now, out);
+                }
+                if let Some(f) = tx.failover.as_ref() {
+                    self.observe(f.nodes[f.pos].0, outcome);
+                }
+                match outcome {
+                    NodeOutcome::TransportError => {
+                        self.local_final(tx, 503, "Service Unavailable", now)
+                    }
+                    _ => self.local_final(tx, 408, "Request Timeout", now),
                 }
             }
         }
@@ -394,6 +559,9 @@ impl Proxy {
             }
         }
         next = min_opt(next, tx.timer_c);
+        if let Some(f) = tx.failover.as_ref().filter(|f| !f.answered) {
+            next = min_opt(next, f.deadline);
+        }
         if let Some(at) = next {
             if tx.scheduled.is_none_or(|s| at < s || s <= now) {
                 tx.scheduled = Some(at);
@@ -484,7 +652,9 @@ impl Proxy {
             // ACK for a 2xx: end to end, stateless.
             match self.route(&msg, inb) {
                 Target::Forward { dest, public_flow } => {
-                    if let Some((bytes, _)) = self.forward(&msg, inb, &dest, public_flow, &via) {
+                    if let Some((bytes, _)) =
+                        self.forward(&msg, &inb.flow, &dest, public_flow, &via)
+                    {
                         out.push((dest, bytes));
                     }
                 }
@@ -569,8 +739,44 @@ impl Proxy {
         }
 
         let target = self.route(&msg, inb);
+        let routes = self.routes.read().clone();
+        let mut failover = None;
         let (dest, public_flow) = match target {
             Target::Forward { dest, public_flow } => (dest, public_flow),
+            Target::Pool { pool, public_flow } => {
+                let nodes: SmallVec<[(usize, Dest); 4]> = self
+                    .candidates(&routes, pool)
+                    .into_iter()
+                    .filter_map(|n| {
+                        let node = routes.nodes.get(n)?;
+                        Some((
+                            n,
+                            peer_dest(
+                                node.transport,
+                                node.address,
+                                node.tls_server_name.as_deref(),
+                            ),
+                        ))
+                    })
+                    .collect();
+                let Some((_, first)) = nodes.first().cloned() else {
+                    return self.reply(&msg, inb, 503, "Service Unavailable", out);
+                };
+                let timeout = routes
+                    .pools
+                    .get(pool)
+                    .map_or(Duration::from_secs(1), |p| p.branch_timeout);
+                let timed = matches!(method, Method::Invite | Method::Register);
+                failover = Some(Failover {
+                    nodes,
+                    pos: 0,
+                    public_flow,
+                    deadline: timed.then(|| now + timeout),
+                    timeout,
+                    answered: false,
+                });
+                (first, public_flow)
+            }
             Target::Local(status, reason) => {
                 if method == Method::Invite && status >= 300 {
                     // Through a server transaction so that the ACK is absorbed.
@@ -582,7 +788,8 @@ impl Proxy {
             }
             Target::Drop => return,
         };
-        let Some((bytes, out_branch)) = self.forward(&msg, inb, &dest, public_flow, &via) else {
+        let Some((bytes, out_branch)) = self.forward(&msg, &inb.flow, &dest, public_flow, &via)
+        else {
             return self.reply(&msg, inb, 500, "Server Internal Error", out);
         };
 
@@ -635,6 +842,7 @@ impl Proxy {
             scheduled: None,
             register_flow,
             local_tag: id ^ 0x5bc0_0000,
+            failover,
         };
         core.txs.insert(id, tx);
         core.server_idx.insert(key, id);
@@ -676,6 +884,7 @@ impl Proxy {
             scheduled: None,
             register_flow: None,
             local_tag: id ^ 0x5bc0_0000,
+            failover: None,
         };
         self.local_final(&mut tx, status, reason, now);
         core.txs.insert(id, tx);
@@ -827,19 +1036,10 @@ impl Proxy {
     }
 
     fn to_pool(&self, routes: &RouteTable, pool: usize, public_flow: Option<Flow>) -> Target {
-        match routes.active_node(pool) {
-            Some(n) => {
-                let node = &routes.nodes[n];
-                Target::Forward {
-                    dest: peer_dest(
-                        node.transport,
-                        node.address,
-                        node.tls_server_name.as_deref(),
-                    ),
-                    public_flow,
-                }
-            }
-            None => Target::Local(503, "Service Unavailable"),
+        if routes.pools.get(pool).is_some_and(|p| !p.nodes.is_empty()) {
+            Target::Pool { pool, public_flow }
+        } else {
+            Target::Local(503, "Service Unavailable")
         }
     }
 
@@ -993,7 +1193,7 @@ impl Proxy {
     fn forward(
         &self,
         msg: &Message,
-        inb: &Inbound,
+        in_flow: &Flow,
         dest: &Dest,
         public_flow: Option<Flow>,
         via: &sbc_sip::via::Via<'_>,
@@ -1016,7 +1216,7 @@ impl Proxy {
             _ => self.pick_listener(out_transport, remote, toward_internal),
         }?
         .clone();
-        let in_l = self.listener_for_flow(&inb.flow)?.clone();
+        let in_l = self.listener_for_flow(in_flow)?.clone();
         let mut e = Edits::new();
         // Our Via on top.
         let hash = loop_hash(msg);
@@ -1032,13 +1232,7 @@ impl Proxy {
                 out_l.port
             ),
         );
-        edit::stamp_via(
-            msg,
-            via,
-            inb.flow.remote.ip(),
-            inb.flow.remote.port(),
-            &mut e,
-        );
+        edit::stamp_via(msg, via, in_flow.remote.ip(), in_flow.remote.port(), &mut e);
         // Max-Forwards.
         match (msg.header(HeaderName::MaxForwards), msg.max_forwards()) {
             (Some(h), Some(mf)) => {
@@ -1149,6 +1343,40 @@ impl Proxy {
                 }
                 self.drive(&mut core, id, now, out);
                 return;
+            }
+            let more_nodes = tx
+                .failover
+                .as_ref()
+                .is_some_and(|f| !f.answered && f.pos + 1 < f.nodes.len());
+            if status == 503 && more_nodes {
+                // 503 before any provisional: the node refuses. Acknowledge it on its own
+                // branch, then try the next node at once; the caller never sees the 503.
+                if b.tx.handle_response(status, now) == ResponseAction::ForwardAndAck {
+                    if let Ok(fwd) = Message::parse(b.out.clone()) {
+                        b.tx.set_ack(Bytes::from(build_hop_request(&fwd, "ACK", Some(&msg))));
+                    }
+                }
+                while let Some(bytes) = b.tx.poll_transmit() {
+                    out.push((b.dest.clone(), bytes));
+                }
+                let Core {
+                    txs, client_idx, ..
+                } = &mut *core;
+                if let Some(tx) = txs.get_mut(&id) {
+                    if !self.next_node(tx, client_idx, id, NodeOutcome::Answered(503), now) {
+                        self.local_final(tx, 503, "Service Unavailable", now);
+                    }
+                }
+                self.drive(&mut core, id, now, out);
+                return;
+            }
+            if let Some(f) = tx.failover.as_mut() {
+                if !f.answered || status == 503 {
+                    f.answered = true;
+                    f.deadline = None;
+                    let node = f.nodes[f.pos].0;
+                    self.observe(node, NodeOutcome::Answered(status));
+                }
             }
             let action = b.tx.handle_response(status, now);
             if action == ResponseAction::Absorb {
@@ -1413,5 +1641,14 @@ fn status_label(status: u16) -> &'static str {
         s if s < 500 => "4xx",
         s if s < 600 => "5xx",
         _ => "6xx",
+    }
+}
+
+fn outcome_label(o: NodeOutcome) -> &'static str {
+    match o {
+        NodeOutcome::Answered(503) => "503",
+        NodeOutcome::Answered(_) => "answered",
+        NodeOutcome::Timeout => "timeout",
+        NodeOutcome::TransportError => "transport",
     }
 }

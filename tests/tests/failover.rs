@@ -1,0 +1,131 @@
+//! A new INVITE or REGISTER that the primary PBX does not answer (silent, 503, gone) is
+//! retried on the standby at once: callers see no failure, only at most the branch timeout
+//! of extra delay.
+
+use sbc_sip::Transport;
+use sbc_tests::pbx::{Pbx, PbxConfig, PbxMode};
+use sbc_tests::phone::{Phone, PhoneConfig};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+fn free_udp(ip: &str) -> SocketAddr {
+    let s = std::net::UdpSocket::bind(format!("{ip}:0")).expect("bind");
+    s.local_addr().expect("addr")
+}
+
+struct Pair {
+    sbc: sbc::Sbc,
+    primary: Pbx,
+    standby: Pbx,
+}
+
+async fn pair() -> Pair {
+    let a = free_udp("127.0.0.2");
+    let b = free_udp("127.0.0.3");
+    let cfg = format!(
+        r#"
+[[listen]]
+transport = "udp"
+addr = "127.0.0.1:0"
+[[pool]]
+name = "pbx"
+[[pool.node]]
+name = "primary"
+address = "{a}"
+[[pool.node]]
+name = "standby"
+address = "{b}"
+[phones]
+sources = ["127.0.0.0/8"]
+"#
+    );
+    let cfg = sbc_config::parse(&cfg, Path::new("failover.toml")).expect("config");
+    let sbc = sbc::Sbc::start(&cfg).await.expect("sbc");
+    let udp = sbc.addr(Transport::Udp).expect("udp");
+    let mk = |addr| {
+        PbxConfig::new(addr, "pbx.test", udp)
+            .user("alice", "a-secret")
+            .user("bob", "b-secret")
+    };
+    let primary = Pbx::start(mk(a)).await.expect("primary");
+    let standby = Pbx::start(mk(b)).await.expect("standby");
+    Pair {
+        sbc,
+        primary,
+        standby,
+    }
+}
+
+async fn phone(p: &Pair, user: &str, pw: &str) -> Phone {
+    let c = PhoneConfig::new(
+        user,
+        "pbx.test",
+        pw,
+        p.sbc.addr(Transport::Udp).expect("udp"),
+    );
+    Phone::new(c).await.expect("phone")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_primary_register_and_call_go_to_standby() {
+    let p = pair().await;
+    let alice = phone(&p, "alice", "a-secret").await;
+    let bob = phone(&p, "bob", "b-secret").await;
+    assert_eq!(alice.register(300).await.expect("reg").status(), Some(200));
+    assert_eq!(
+        p.primary.registrations().len(),
+        1,
+        "primary serves while healthy"
+    );
+
+    p.primary.set_mode(PbxMode::Silent);
+    // Each REGISTER of the digest exchange waits one branch timeout on the silent primary
+    // before the standby answers; no failure reaches the phone.
+    let t = Instant::now();
+    assert_eq!(bob.register(300).await.expect("reg").status(), Some(200));
+    assert_eq!(alice.register(300).await.expect("reg").status(), Some(200));
+    let elapsed = t.elapsed();
+    assert_eq!(
+        p.standby.registrations().len(),
+        2,
+        "both on the standby now"
+    );
+    assert!(elapsed < Duration::from_secs(6), "{elapsed:?}");
+
+    let (call, answered) = tokio::join!(alice.invite("sip:bob@pbx.test"), async {
+        let inc = bob
+            .wait_invite(Duration::from_secs(5))
+            .await
+            .expect("invite");
+        bob.answer(&inc, 200).await.expect("answer")
+    });
+    let call = call.expect("call");
+    assert_eq!(call.final_status, 200);
+    assert!(p.standby.stats().requests_of("INVITE") >= 1);
+    let (bye, _) = tokio::join!(
+        alice.bye(&call),
+        bob.wait_request_and_answer(sbc_sip::Method::Bye, Duration::from_secs(3))
+    );
+    assert_eq!(bye.expect("bye").status(), Some(200));
+    drop(answered);
+    p.sbc.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_503_is_retried_at_once() {
+    let p = pair().await;
+    let alice = phone(&p, "alice", "a-secret").await;
+    p.primary.set_mode(PbxMode::Respond503);
+    let t = Instant::now();
+    let r = alice.register(300).await.expect("reg");
+    assert_eq!(r.status(), Some(200), "the 503 never reaches the phone");
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(p.standby.registrations().len(), 1);
+    assert!(p.primary.stats().requests_of("REGISTER") >= 1);
+    p.sbc.shutdown();
+}
