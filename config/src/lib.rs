@@ -39,8 +39,9 @@ use std::path::Path;
 
 pub use error::ConfigError;
 pub use types::{
-    Admin, Advertise, Config, General, Limits, Listener, Node, Phones, Pool, Side, Timers,
-    Transport, Trunk,
+    fill_template, Admin, Advertise, Config, Failback, General, HttpUrl, Limits, Listener, Node,
+    Phones, Pool, Probe, Side, Timers, Transport, Trunk, Webhook, WebhookEvent,
+    TEMPLATE_PLACEHOLDERS,
 };
 
 /// Reads and validates the configuration file at `path`.

@@ -133,6 +133,63 @@ pub(crate) fn parse_host_port(s: &str) -> Result<(Host, Option<u16>), String> {
     Ok((host, port))
 }
 
+/// Parses an `http://` / `https://` URL (see [`crate::HttpUrl::parse`]).
+pub(crate) fn parse_http_url(url: &str) -> Result<crate::HttpUrl, String> {
+    let scheme_end = url.find("://").ok_or_else(|| {
+        format!("\"{url}\" is not a URL; expected http://host[:port]/path or https://...")
+    })?;
+    let tls = match url[..scheme_end].to_ascii_lowercase().as_str() {
+        "http" => false,
+        "https" => true,
+        other => {
+            return Err(format!(
+                "scheme \"{other}\" in \"{url}\" is not supported; expected http or https"
+            ))
+        }
+    };
+    let rest = &url[scheme_end + 3..];
+    if let Some(c) = rest.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(format!(
+            "\"{url}\" contains {c:?}; spaces, control and non-ASCII characters must be percent-encoded"
+        ));
+    }
+    if rest.contains('#') {
+        return Err(format!(
+            "\"{url}\" has a fragment (#...), which is never sent to the server; remove it"
+        ));
+    }
+    let (authority, path) = match rest.find(['/', '?']) {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    if authority.contains('@') {
+        return Err(format!(
+            "\"{url}\" carries credentials; put them in a header (headers = {{ Authorization = \"...\" }}) instead"
+        ));
+    }
+    if authority.is_empty() {
+        return Err(format!("\"{url}\" has no host"));
+    }
+    let (host, port) = parse_host_port(authority).map_err(|e| format!("in \"{url}\": {e}"))?;
+    if host.ip().is_some_and(|ip| ip.is_unspecified()) {
+        return Err(format!(
+            "\"{url}\" names a wildcard address; give the server's real address"
+        ));
+    }
+    let path = match path {
+        "" => "/".to_string(),
+        p if p.starts_with('?') => format!("/{p}"),
+        p => p.to_string(),
+    };
+    Ok(crate::HttpUrl {
+        tls,
+        host: host.header_text(),
+        port: port.unwrap_or(if tls { 443 } else { 80 }),
+        authority: authority.to_string(),
+        path,
+    })
+}
+
 /// Turns a host and port into one socket address, resolving names with
 /// the system resolver; the first address returned wins.
 pub(crate) fn resolve(host: &Host, port: u16) -> Result<SocketAddr, String> {
@@ -211,6 +268,46 @@ mod tests {
             .unwrap_err()
             .contains("IPv4"));
         assert!(parse_host_port("").is_err());
+    }
+
+    #[test]
+    fn http_urls() {
+        let u = parse_http_url("http://10.0.0.10:8080/health").expect("valid");
+        assert_eq!(
+            (
+                u.tls,
+                u.host.as_str(),
+                u.port,
+                u.authority.as_str(),
+                u.path.as_str()
+            ),
+            (false, "10.0.0.10", 8080, "10.0.0.10:8080", "/health")
+        );
+        let u = parse_http_url("HTTPS://pbx.example.com").expect("valid");
+        assert_eq!((u.tls, u.port, u.path.as_str()), (true, 443, "/"));
+        let u = parse_http_url("http://[::1]?x=1").expect("valid");
+        assert_eq!(
+            (u.host.as_str(), u.connect_host(), u.port),
+            ("[::1]", "::1", 80)
+        );
+        assert_eq!(u.path, "/?x=1");
+        assert!(u.ip().is_some_and(|ip| ip.is_loopback()));
+        for (bad, why) in [
+            ("ftp://x/", "scheme"),
+            ("10.0.0.1/health", "not a URL"),
+            ("http://", "no host"),
+            ("http://user:pw@x/", "credentials"),
+            ("http://x/a b", "percent-encoded"),
+            ("http://x/a#top", "fragment"),
+            ("http://x:0/", "port"),
+            ("http://x:70000/", "port"),
+            ("http://0.0.0.0/", "wildcard"),
+            ("http://10.0.0.300/", "IPv4"),
+            ("http://2001:db8::1/", "brackets"),
+        ] {
+            let e = parse_http_url(bad).expect_err(bad);
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -7,12 +7,16 @@
 //! numbers are parsed in [`crate::validate`], so every message is ours and
 //! names the accepted values and ranges.
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
 use toml::Spanned;
 
 pub(crate) type Text = Spanned<String>;
 pub(crate) type Int = Spanned<i64>;
+pub(crate) type Bool = Spanned<bool>;
 pub(crate) type TextList = Spanned<Vec<Text>>;
+pub(crate) type IntList = Spanned<Vec<Int>>;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -79,8 +83,26 @@ pub(crate) struct RawTimers {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawPool {
     pub name: Text,
+    pub failback: Option<Text>,
+    pub failback_hold_secs: Option<Int>,
+    pub branch_timeout_ms: Option<Int>,
+    pub probe: Option<RawProbe>,
     #[serde(default)]
     pub node: Vec<RawNode>,
+    #[serde(default)]
+    pub webhook: Vec<RawWebhook>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawProbe {
+    pub interval_ms: Option<Int>,
+    pub timeout_ms: Option<Int>,
+    pub failures: Option<Int>,
+    pub successes: Option<Int>,
+    pub alive_codes: Option<IntList>,
+    pub start_grace_secs: Option<Int>,
+    pub witnesses: Option<TextList>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -91,6 +113,22 @@ pub(crate) struct RawNode {
     pub transport: Option<Text>,
     pub tls_server_name: Option<Text>,
     pub tls_ca: Option<Text>,
+    pub options: Option<Bool>,
+    pub http_url: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawWebhook {
+    pub on: Option<TextList>,
+    pub method: Option<Text>,
+    pub url: Text,
+    /// A table, so not `Spanned` (see the module comment); header names
+    /// are located through the index.
+    pub headers: Option<BTreeMap<String, Text>>,
+    pub body: Option<Text>,
+    pub timeout_ms: Option<Int>,
+    pub retries: Option<Int>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -305,14 +305,300 @@ impl Default for Timers {
     }
 }
 
-/// A group of interchangeable PBX nodes; calls routed to the pool are
-/// spread over (and fail over between) its healthy nodes.
+/// A group of PBX nodes in priority order: the first is the primary, the
+/// others stand by. New calls and registrations go to the pool's active
+/// node; the health monitor moves that role when the active node fails.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pool {
     /// Unique name that trunks and phones refer to.
     pub name: String,
-    /// Members of the pool; never empty.
+    /// Members of the pool in priority order (primary first); never empty.
     pub nodes: Vec<Node>,
+    /// Whether traffic returns to the primary by itself once it is healthy
+    /// again, or only when an operator says so (`failback`, default manual).
+    pub failback: Failback,
+    /// With [`Failback::Auto`], how long the primary must have stayed Up
+    /// without a single failed check before traffic moves back to it
+    /// (`failback_hold_secs`, 1..=86400 s, default 300 s). Guards against a
+    /// flapping primary pulling traffic back and forth.
+    pub failback_hold: Duration,
+    /// A new INVITE or REGISTER that has had no response from a node within
+    /// this time is retried on the next candidate node (`branch_timeout_ms`,
+    /// 50..=32000 ms, default 1000 ms). A healthy PBX answers 100 Trying in
+    /// milliseconds, so this is far below Timer B and callers barely notice
+    /// a dead node while probes are still counting.
+    pub branch_timeout: Duration,
+    /// How the pool's nodes are probed (`[pool.probe]`).
+    pub probe: Probe,
+    /// HTTP requests fired on failover and failback (`[[pool.webhook]]`),
+    /// e.g. to repoint DNS or wake a passive standby.
+    pub webhooks: Vec<Webhook>,
+}
+
+/// When traffic moves back to a recovered primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Failback {
+    /// Only on an operator's command (the default): a primary that flaps
+    /// can never cause repeated switches, and the operator decides when the
+    /// recovered node is trustworthy.
+    #[default]
+    Manual,
+    /// By itself, once the primary has been Up for [`Pool::failback_hold`].
+    Auto,
+}
+
+impl Failback {
+    /// The spelling used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Failback::Manual => "manual",
+            Failback::Auto => "auto",
+        }
+    }
+}
+
+impl fmt::Display for Failback {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Probe settings of a pool (`[pool.probe]`), shared by its nodes so that
+/// interchangeable nodes are judged by the same rules.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Probe {
+    /// Time between the starts of two probes of one node
+    /// (`interval_ms`, 100..=600000 ms, default 1000 ms).
+    pub interval: Duration,
+    /// A probe without an answer after this long has failed (`timeout_ms`,
+    /// 10 ms..interval, default 800 ms or 4/5 of a shorter interval). Kept
+    /// below the interval so that one probe per node is ever in flight.
+    pub timeout: Duration,
+    /// Consecutive failures that take a node Down (`failures`, 1..=100,
+    /// default 2); the first failure already makes it Suspect.
+    pub failures: u32,
+    /// Consecutive successes that bring a Down node back Up (`successes`,
+    /// 1..=100, default 2).
+    pub successes: u32,
+    /// SIP response codes to OPTIONS that count as alive (`alive_codes`,
+    /// each 200..=699). Empty (the default) means any final response the
+    /// node itself sent except 503: many PBXs answer OPTIONS with 404 or
+    /// 405, which still proves they run, while 503 is the node saying it
+    /// cannot serve.
+    pub alive_codes: Vec<u16>,
+    /// Failures of a node that has never answered are not counted until
+    /// this long after start (`start_grace_secs`, 0..=3600 s, default 30 s),
+    /// so a PBX that boots slower than the SBC is not declared Down.
+    pub start_grace: Duration,
+    /// Always-on HTTP(S) URLs (`witnesses`, default none). Before failing
+    /// over, the SBC must reach one of these or another node of the pool;
+    /// if it reaches nothing, the fault is on its own side and it stays.
+    pub witnesses: Vec<String>,
+}
+
+impl Default for Probe {
+    fn default() -> Self {
+        Probe {
+            interval: Duration::from_millis(1000),
+            timeout: Duration::from_millis(800),
+            failures: 2,
+            successes: 2,
+            alive_codes: Vec::new(),
+            start_grace: Duration::from_secs(30),
+            witnesses: Vec::new(),
+        }
+    }
+}
+
+impl Probe {
+    /// Whether an OPTIONS response with `code` proves the node alive under
+    /// these settings (see [`Probe::alive_codes`]); provisional responses
+    /// never do, as they may come from a proxy in between.
+    pub fn is_alive_code(&self, code: u16) -> bool {
+        if self.alive_codes.is_empty() {
+            (200..=699).contains(&code) && code != 503
+        } else {
+            self.alive_codes.contains(&code)
+        }
+    }
+}
+
+/// What a webhook fires on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WebhookEvent {
+    /// The pool's active node moved away from a failed (or manually
+    /// failed-over, or maintained) node.
+    Failover,
+    /// The pool's active node moved back to a node of higher priority.
+    Failback,
+}
+
+impl WebhookEvent {
+    /// The spelling used in the config file and in the `{event}` placeholder.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookEvent::Failover => "failover",
+            WebhookEvent::Failback => "failback",
+        }
+    }
+}
+
+impl fmt::Display for WebhookEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Placeholders a webhook body may contain, as `{name}`.
+///
+/// `pool` is the pool's name, `from`/`to` the node names, `reason` why the
+/// active node moved, `time` the moment in RFC 3339 (UTC), `event`
+/// `failover` or `failback`.
+pub const TEMPLATE_PLACEHOLDERS: [&str; 6] = ["pool", "from", "to", "reason", "time", "event"];
+
+/// An HTTP request the SBC sends when a pool fails over or back
+/// (`[[pool.webhook]]`); how operators repoint DNS or wake a standby.
+#[derive(Clone, PartialEq)]
+pub struct Webhook {
+    /// Events that fire it (`on`, default both); never empty, no repeats.
+    pub on: Vec<WebhookEvent>,
+    /// Upper-case HTTP method (`method`: GET, POST, PUT, PATCH or DELETE;
+    /// default POST).
+    pub method: String,
+    /// `http://` or `https://` URL (`url`, required); see [`HttpUrl`].
+    pub url: String,
+    /// Extra request headers (`headers`), sorted by name. Values are kept
+    /// out of `Debug` output because they usually carry credentials.
+    pub headers: Vec<(String, String)>,
+    /// Request body template (`body`); `{pool}`, `{from}`, `{to}`,
+    /// `{reason}`, `{time}`, `{event}` are filled in (see
+    /// [`fill_template`]). Default: a JSON object with all of them.
+    pub body: String,
+    /// Give up one attempt after this long (`timeout_ms`, 100..=60000 ms,
+    /// default 2000 ms).
+    pub timeout: Duration,
+    /// Further attempts after a failed one, with growing pauses between
+    /// (`retries`, 0..=10, default 2).
+    pub retries: u32,
+}
+
+impl Webhook {
+    /// The body used when `body` is not set: every placeholder as JSON.
+    pub const DEFAULT_BODY: &'static str = r#"{"event":"{event}","pool":"{pool}","from":"{from}","to":"{to}","reason":"{reason}","time":"{time}"}"#;
+
+    /// Whether this webhook fires on `event`.
+    pub fn fires_on(&self, event: WebhookEvent) -> bool {
+        self.on.contains(&event)
+    }
+}
+
+/// Redacts header values (they usually hold a bearer token or password),
+/// so logging the configuration never leaks them.
+impl fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let headers: Vec<(&str, &str)> = self
+            .headers
+            .iter()
+            .map(|(name, _)| (name.as_str(), "<redacted>"))
+            .collect();
+        f.debug_struct("Webhook")
+            .field("on", &self.on)
+            .field("method", &self.method)
+            .field("url", &self.url)
+            .field("headers", &headers)
+            .field("body", &self.body)
+            .field("timeout", &self.timeout)
+            .field("retries", &self.retries)
+            .finish()
+    }
+}
+
+/// Fills the `{name}` placeholders of a webhook template with `value(name)`.
+///
+/// A placeholder is `{` + a lower-case identifier + `}`; any other brace is
+/// literal, so JSON bodies need no escaping. Placeholders `value` does not
+/// know are left as written (validation has already refused unknown ones
+/// in the configuration). Values are inserted as given: the caller escapes
+/// them for the body's format.
+pub fn fill_template<'v>(template: &str, mut value: impl FnMut(&str) -> Option<&'v str>) -> String {
+    let mut out = String::with_capacity(template.len() + 64);
+    let mut rest = template;
+    while let Some((before, name, after)) = next_placeholder(rest) {
+        out.push_str(before);
+        match value(name) {
+            Some(v) => out.push_str(v),
+            None => {
+                out.push('{');
+                out.push_str(name);
+                out.push('}');
+            }
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Splits `text` at its first placeholder: (text before, name, text after).
+pub(crate) fn next_placeholder(text: &str) -> Option<(&str, &str, &str)> {
+    let mut from = 0;
+    while let Some(open) = text[from..].find('{').map(|i| i + from) {
+        let tail = &text[open + 1..];
+        let len = tail
+            .bytes()
+            .take_while(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_')
+            .count();
+        let starts_ok = tail
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b == b'_');
+        if starts_ok && tail.as_bytes().get(len) == Some(&b'}') {
+            return Some((&text[..open], &tail[..len], &tail[len + 1..]));
+        }
+        from = open + 1;
+    }
+    None
+}
+
+/// A validated `http://` or `https://` URL, split into what an HTTP client
+/// needs; probes, witnesses and webhooks use it so that what validation
+/// accepted is exactly what the client sends to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HttpUrl {
+    /// `https` (TLS) or plain `http`.
+    pub tls: bool,
+    /// Host as written in the URL and in the `Host` header: a name, an IPv4
+    /// address or a bracketed IPv6 address.
+    pub host: String,
+    /// Port: as written, else 80 or 443.
+    pub port: u16,
+    /// `host[:port]` as written, for the `Host` header.
+    pub authority: String,
+    /// Path and query, starting with `/` (`/` when the URL has none).
+    pub path: String,
+}
+
+impl HttpUrl {
+    /// Parses and checks a URL: scheme http/https, a hostname, IPv4 or
+    /// bracketed IPv6 host, an optional port 1..=65535, an optional path of
+    /// printable ASCII. Credentials (`user@`) and fragments are refused:
+    /// credentials belong in headers, and a fragment is never sent.
+    pub fn parse(url: &str) -> Result<HttpUrl, String> {
+        crate::net::parse_http_url(url)
+    }
+
+    /// The host to look up or connect to: without IPv6 brackets.
+    pub fn connect_host(&self) -> &str {
+        self.host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(&self.host)
+    }
+
+    /// The host as an IP address, when it is one (no DNS needed).
+    pub fn ip(&self) -> Option<IpAddr> {
+        self.connect_host().parse().ok()
+    }
 }
 
 /// One PBX node the SBC forwards calls and registrations to.
@@ -335,6 +621,16 @@ pub struct Node {
     /// PEM file of trusted root certificates for this peer; `None` uses the
     /// system/webpki roots.
     pub tls_ca: Option<PathBuf>,
+    /// Whether the node is probed with SIP OPTIONS over its own transport
+    /// (`options`, default true). At least one of this and `http_url` is
+    /// set, so every node has some probe.
+    pub options: bool,
+    /// HTTP(S) URL on the PBX's web server probed with GET; a 2xx answer
+    /// counts as alive (`http_url`, default none). Validated by
+    /// [`HttpUrl::parse`]. With both probes, a node is alive only when both
+    /// answer: a PBX whose application server is gone is not healthy even
+    /// if its SIP stack still replies.
+    pub http_url: Option<String>,
 }
 
 /// A SIP carrier: where its calls come from and where calls to it go.

@@ -16,12 +16,13 @@ use crate::error::ConfigError;
 use crate::locate::Index;
 use crate::net::{self, Host};
 use crate::raw::{
-    Int, RawAdmin, RawConfig, RawGeneral, RawLimits, RawListener, RawPhones, RawPool, RawTimers,
-    RawTrunk, Text, TextList,
+    Int, RawAdmin, RawConfig, RawGeneral, RawLimits, RawListener, RawNode, RawPhones, RawPool,
+    RawProbe, RawTimers, RawTrunk, RawWebhook, Text, TextList,
 };
 use crate::types::{
-    Admin, Advertise, Config, General, Limits, Listener, Node, Phones, Pool, Side, Timers,
-    Transport, Trunk,
+    next_placeholder, Admin, Advertise, Config, Failback, General, HttpUrl, Limits, Listener, Node,
+    Phones, Pool, Probe, Side, Timers, Transport, Trunk, Webhook, WebhookEvent,
+    TEMPLATE_PLACEHOLDERS,
 };
 
 /// Minimum length of `general.secret` and `admin.token`: shorter keys are
@@ -541,6 +542,7 @@ impl Ctx<'_> {
                     n.tls_server_name.as_ref(),
                     n.tls_ca.as_ref(),
                 )?;
+                let (options, http_url) = self.node_probes(n, &np)?;
                 nodes.push(Node {
                     name: node_name,
                     address: peer.address,
@@ -548,11 +550,301 @@ impl Ctx<'_> {
                     transport: peer.transport,
                     tls_server_name: peer.tls_server_name,
                     tls_ca: peer.tls_ca,
+                    options,
+                    http_url,
                 });
             }
-            pools.push(Pool { name, nodes });
+            let failback = match &p.failback {
+                None => Failback::default(),
+                Some(v) => match v.get_ref().to_ascii_lowercase().as_str() {
+                    "manual" => Failback::Manual,
+                    "auto" => Failback::Auto,
+                    other => {
+                        return Err(self.at(
+                            v.span(),
+                            &format!("{path}.failback"),
+                            format!(
+                            "\"{other}\" is not a failback policy; expected \"manual\" or \"auto\""
+                        ),
+                        ))
+                    }
+                },
+            };
+            let failback_hold = self.int(
+                p.failback_hold_secs.as_ref(),
+                &format!("{path}.failback_hold_secs"),
+                1..=86_400,
+                300,
+                "seconds",
+            )?;
+            // Below Timer B (64 x T1 = 32 s by default): past that the
+            // transaction has failed anyway and there is nothing to retry.
+            let branch_timeout = self.int(
+                p.branch_timeout_ms.as_ref(),
+                &format!("{path}.branch_timeout_ms"),
+                50..=32_000,
+                1000,
+                "milliseconds",
+            )?;
+            let probe = self.probe(p.probe.as_ref(), &format!("{path}.probe"))?;
+            let webhooks = p
+                .webhook
+                .iter()
+                .enumerate()
+                .map(|(k, w)| self.webhook(w, &format!("{path}.webhook[{k}]")))
+                .collect::<Result<Vec<_>, _>>()?;
+            pools.push(Pool {
+                name,
+                nodes,
+                failback,
+                failback_hold: Duration::from_secs(failback_hold),
+                branch_timeout: Duration::from_millis(branch_timeout),
+                probe,
+                webhooks,
+            });
         }
         Ok(pools)
+    }
+
+    /// A node's `options` / `http_url` probes; at least one must be on, or
+    /// nothing would ever tell whether the node is alive.
+    fn node_probes(&self, n: &RawNode, np: &str) -> Result<(bool, Option<String>), ConfigError> {
+        let options = !matches!(&n.options, Some(o) if !*o.get_ref());
+        let http_url = match &n.http_url {
+            Some(v) => {
+                self.http_url(v, &format!("{np}.http_url"))?;
+                Some(v.get_ref().clone())
+            }
+            None => None,
+        };
+        if let (false, None, Some(o)) = (options, &http_url, &n.options) {
+            return Err(self.at(
+                o.span(),
+                &format!("{np}.options"),
+                "a node needs at least one probe: with options = false, set http_url",
+            ));
+        }
+        Ok((options, http_url))
+    }
+
+    fn http_url(&self, value: &Text, field: &str) -> Result<HttpUrl, ConfigError> {
+        HttpUrl::parse(value.get_ref()).map_err(|m| self.at(value.span(), field, m))
+    }
+
+    fn probe(&self, raw: Option<&RawProbe>, path: &str) -> Result<Probe, ConfigError> {
+        let d = Probe::default();
+        let empty = RawProbe::default();
+        let raw = raw.unwrap_or(&empty);
+        let field = |key: &str| format!("{path}.{key}");
+        let count = |v: &Option<Int>, key: &str, default: u32| {
+            self.int(v.as_ref(), &field(key), 1..=100, u64::from(default), "")
+                .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+        };
+        let interval = self.int(
+            raw.interval_ms.as_ref(),
+            &field("interval_ms"),
+            100..=600_000,
+            millis(d.interval),
+            "milliseconds",
+        )?;
+        // The default follows a shortened interval, so setting only
+        // interval_ms never makes the file invalid.
+        let timeout = self
+            .int(
+                raw.timeout_ms.as_ref(),
+                &field("timeout_ms"),
+                10..=i64::try_from(interval).unwrap_or(i64::MAX) - 1,
+                millis(d.timeout).min(interval * 4 / 5),
+                "milliseconds",
+            )
+            .map_err(|mut e| {
+                e.message
+                    .push_str(" (timeout_ms must be below interval_ms, so probes never overlap)");
+                e
+            })?;
+        let failures = count(&raw.failures, "failures", d.failures)?;
+        let successes = count(&raw.successes, "successes", d.successes)?;
+        let mut alive_codes: Vec<u16> = Vec::new();
+        if let Some(list) = &raw.alive_codes {
+            for (k, code) in list.get_ref().iter().enumerate() {
+                let f = format!("{path}.alive_codes[{k}]");
+                let n = self.int(Some(code), &f, 200..=699, 0, "(a final SIP response code)")?;
+                let n = u16::try_from(n).unwrap_or(u16::MAX);
+                if let Some(j) = alive_codes.iter().position(|c| *c == n) {
+                    return Err(self.at(
+                        code.span(),
+                        &f,
+                        format!("{n} is already listed as alive_codes[{j}]"),
+                    ));
+                }
+                alive_codes.push(n);
+            }
+        }
+        let start_grace = self.int(
+            raw.start_grace_secs.as_ref(),
+            &field("start_grace_secs"),
+            0..=3600,
+            d.start_grace.as_secs(),
+            "seconds",
+        )?;
+        let mut witnesses: Vec<String> = Vec::new();
+        if let Some(list) = &raw.witnesses {
+            for (k, w) in list.get_ref().iter().enumerate() {
+                let f = format!("{path}.witnesses[{k}]");
+                self.http_url(w, &f)?;
+                if let Some(j) = witnesses.iter().position(|o| o == w.get_ref()) {
+                    return Err(self.at(
+                        w.span(),
+                        &f,
+                        format!("\"{}\" is already listed as witnesses[{j}]", w.get_ref()),
+                    ));
+                }
+                witnesses.push(w.get_ref().clone());
+            }
+        }
+        Ok(Probe {
+            interval: Duration::from_millis(interval),
+            timeout: Duration::from_millis(timeout),
+            failures,
+            successes,
+            alive_codes,
+            start_grace: Duration::from_secs(start_grace),
+            witnesses,
+        })
+    }
+
+    fn webhook(&self, raw: &RawWebhook, path: &str) -> Result<Webhook, ConfigError> {
+        let on = match &raw.on {
+            None => vec![WebhookEvent::Failover, WebhookEvent::Failback],
+            Some(list) => {
+                if list.get_ref().is_empty() {
+                    return Err(self.at(
+                        list.span(),
+                        &format!("{path}.on"),
+                        "must name at least one event (\"failover\", \"failback\"); remove the webhook to disable it",
+                    ));
+                }
+                let mut on = Vec::with_capacity(2);
+                for (k, e) in list.get_ref().iter().enumerate() {
+                    let f = format!("{path}.on[{k}]");
+                    let event = match e.get_ref().to_ascii_lowercase().as_str() {
+                        "failover" => WebhookEvent::Failover,
+                        "failback" => WebhookEvent::Failback,
+                        other => {
+                            return Err(self.at(
+                                e.span(),
+                                &f,
+                                format!("\"{other}\" is not an event; expected \"failover\" or \"failback\""),
+                            ))
+                        }
+                    };
+                    if on.contains(&event) {
+                        return Err(self.at(e.span(), &f, format!("\"{event}\" is listed twice")));
+                    }
+                    on.push(event);
+                }
+                on
+            }
+        };
+        let method = match &raw.method {
+            None => "POST".to_string(),
+            Some(m) => {
+                let upper = m.get_ref().to_ascii_uppercase();
+                if !matches!(upper.as_str(), "GET" | "POST" | "PUT" | "PATCH" | "DELETE") {
+                    return Err(self.at(
+                        m.span(),
+                        &format!("{path}.method"),
+                        format!(
+                            "\"{}\" is not a supported method; expected GET, POST, PUT, PATCH or DELETE",
+                            m.get_ref()
+                        ),
+                    ));
+                }
+                upper
+            }
+        };
+        self.http_url(&raw.url, &format!("{path}.url"))?;
+        let mut headers = Vec::new();
+        for (name, value) in raw.headers.iter().flatten() {
+            let f = format!("{path}.headers.{name}");
+            let token = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            if !token {
+                return Err(self.at(
+                    value.span(),
+                    &f,
+                    format!("\"{name}\" is not a valid HTTP header name"),
+                ));
+            }
+            let lower = name.to_ascii_lowercase();
+            if matches!(
+                lower.as_str(),
+                "host" | "content-length" | "transfer-encoding" | "connection"
+            ) {
+                return Err(self.at(
+                    value.span(),
+                    &f,
+                    format!("\"{name}\" is set by the SBC itself and may not be configured"),
+                ));
+            }
+            if value.get_ref().chars().any(|c| c.is_control() && c != '\t') {
+                return Err(self.at(
+                    value.span(),
+                    &f,
+                    "header values may not contain line breaks or control characters",
+                ));
+            }
+            headers.push((name.clone(), value.get_ref().clone()));
+        }
+        let body = match &raw.body {
+            None => Webhook::DEFAULT_BODY.to_string(),
+            Some(b) => {
+                let mut rest = b.get_ref().as_str();
+                while let Some((_, name, after)) = next_placeholder(rest) {
+                    if !TEMPLATE_PLACEHOLDERS.contains(&name) {
+                        let known: Vec<String> = TEMPLATE_PLACEHOLDERS
+                            .iter()
+                            .map(|p| format!("{{{p}}}"))
+                            .collect();
+                        return Err(self.at(
+                            b.span(),
+                            &format!("{path}.body"),
+                            format!(
+                                "unknown placeholder {{{name}}}; known placeholders: {}",
+                                known.join(", ")
+                            ),
+                        ));
+                    }
+                    rest = after;
+                }
+                b.get_ref().clone()
+            }
+        };
+        let timeout = self.int(
+            raw.timeout_ms.as_ref(),
+            &format!("{path}.timeout_ms"),
+            100..=60_000,
+            2000,
+            "milliseconds",
+        )?;
+        let retries = self.int(
+            raw.retries.as_ref(),
+            &format!("{path}.retries"),
+            0..=10,
+            2,
+            "",
+        )?;
+        Ok(Webhook {
+            on,
+            method,
+            url: raw.url.get_ref().clone(),
+            headers,
+            body,
+            timeout: Duration::from_millis(timeout),
+            retries: u32::try_from(retries).unwrap_or(u32::MAX),
+        })
     }
 
     /// The address/transport/TLS keys shared by nodes and trunks.

@@ -123,6 +123,23 @@ fn full_example() {
         Some("sbc.example.com")
     );
     assert!(c.pool("nope").is_none());
+    assert_eq!(pbx.failback, sbc_config::Failback::Manual);
+    assert_eq!(pbx.failback_hold, Duration::from_secs(300));
+    assert_eq!(pbx.branch_timeout, Duration::from_millis(1000));
+    assert_eq!(pbx.probe.interval, Duration::from_millis(1000));
+    assert_eq!(pbx.probe.timeout, Duration::from_millis(800));
+    assert_eq!(pbx.probe.witnesses, ["http://10.0.0.1:8080/ok"]);
+    assert!(pbx.nodes[0].options);
+    assert_eq!(
+        pbx.nodes[0].http_url.as_deref(),
+        Some("http://10.0.0.10:8080/health")
+    );
+    assert_eq!(pbx.webhooks.len(), 1);
+    assert_eq!(pbx.webhooks[0].method, "POST");
+    assert_eq!(pbx.webhooks[0].retries, 2);
+    assert!(pbx.webhooks[0].body.contains("{reason}"));
+    assert_eq!(secure.probe, sbc_config::Probe::default());
+    assert!(secure.webhooks.is_empty());
 
     assert_eq!(c.trunks.len(), 2);
     assert_eq!(c.trunks[0].sources.len(), 3);
