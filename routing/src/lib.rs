@@ -93,7 +93,7 @@ impl RouteTable {
             pools.push(PoolRoute {
                 name: p.name.clone(),
                 nodes: idx,
-                branch_timeout: std::time::Duration::from_secs(1),
+                branch_timeout: p.branch_timeout,
             });
         }
         let trunks = cfg

@@ -1,12 +1,14 @@
 //! Wiring: config to transports, proxy and timer task, with a clean shutdown.
 
-use crate::proxy::{LocalListener, Proxy, ProxySettings};
+use crate::proxy::{LocalListener, NodeOutcome, NodeSelector, Proxy, ProxySettings};
 use crate::transport::{self, ListenerSpec, TransportConfig, Transports};
 use sbc_config::Config;
+use sbc_health::{HealthMonitor, Outcome};
 use sbc_routing::RouteTable;
 use sbc_sip::message::ParseLimits;
 use sbc_sip::transaction::TimerConfig;
 use sbc_sip::Transport;
+use smallvec::SmallVec;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -28,6 +30,7 @@ pub enum StartError {
 /// [`Sbc::shutdown`].
 pub struct Sbc {
     pub proxy: Arc<Proxy>,
+    pub health: Arc<HealthMonitor>,
     pub transports: Arc<Transports>,
     pub locals: Vec<LocalListener>,
     timer_task: tokio::task::JoinHandle<()>,
@@ -59,6 +62,8 @@ impl Sbc {
             timer_c: cfg.timers.timer_c,
         };
         let proxy = Proxy::new(settings, RouteTable::new(cfg));
+        let health = HealthMonitor::start(cfg);
+        proxy.set_selector(Arc::new(HealthSelector(health.clone())));
         let mut specs = Vec::new();
         for l in &cfg.listen {
             let tls = match (l.transport, &l.cert, &l.key) {
@@ -123,6 +128,7 @@ impl Sbc {
         }
         Ok(Sbc {
             proxy,
+            health,
             transports,
             locals,
             timer_task,
@@ -139,6 +145,27 @@ impl Sbc {
 
     pub fn shutdown(&self) {
         self.timer_task.abort();
+        self.health.shutdown();
         self.transports.shutdown();
+    }
+}
+
+/// The health monitor as the proxy's node selector.
+struct HealthSelector(Arc<HealthMonitor>);
+
+impl NodeSelector for HealthSelector {
+    fn candidates(&self, pool: usize) -> SmallVec<[usize; 4]> {
+        self.0.candidates(pool)
+    }
+
+    fn observe(&self, node: usize, outcome: NodeOutcome) {
+        self.0.observe(
+            node,
+            match outcome {
+                NodeOutcome::Answered(s) => Outcome::Answered(s),
+                NodeOutcome::Timeout => Outcome::Timeout,
+                NodeOutcome::TransportError => Outcome::TransportError,
+            },
+        );
     }
 }

@@ -14,7 +14,12 @@ async fn recv(s: &UdpSocket) -> (Message, SocketAddr) {
         .expect("timeout")
         .expect("recv");
     buf.truncate(n);
-    (Message::parse(Bytes::from(buf)).expect("parse"), from)
+    let m = Message::parse(Bytes::from(buf)).expect("parse");
+    if m.method() == Some(sbc_sip::Method::Options) {
+        // A health probe of the SBC's; not part of this script.
+        return Box::pin(recv(s)).await;
+    }
+    (m, from)
 }
 
 fn reply(req: &Message, status: u16, extra: &str) -> Vec<u8> {
