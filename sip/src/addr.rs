@@ -6,7 +6,9 @@
 //! (lr, transport, ob). Without angle brackets every `;` parameter is a header parameter
 //! (RFC 4475 "cparam01", "regbadct").
 
-use crate::scan::{is_lws, is_token, skip_lws, skip_quoted};
+use crate::scan::skip_quoted;
+use crate::scan::{all_class, class, eq_lower, find_byte, find_class, skip_class, skip_lws};
+use crate::scan::{LWS, PARAM_END, TOKEN};
 use crate::uri::{find_param, Uri, UriError};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,6 +36,15 @@ pub struct NameAddr<'a> {
 
 impl<'a> NameAddr<'a> {
     pub fn parse(raw: &'a [u8]) -> Result<NameAddr<'a>, AddrError> {
+        Self::parse_with_tag(raw).map(|(a, _)| a)
+    }
+
+    /// [`NameAddr::parse`] that also returns [`NameAddr::tag`], found while the parameters
+    /// are validated instead of by a second pass over them. Message validation parses From
+    /// and To of every request and keeps their tags, which the proxy asks for repeatedly.
+    pub(crate) fn parse_with_tag(
+        raw: &'a [u8],
+    ) -> Result<(NameAddr<'a>, Option<&'a [u8]>), AddrError> {
         let raw = crate::scan::trim(raw);
         let mut i = 0;
         let mut display = None;
@@ -47,7 +58,7 @@ impl<'a> NameAddr<'a> {
         } else if let Some(lt) = find_top_level_lt(raw) {
             // Unquoted display name: tokens and LWS only.
             let name = crate::scan::trim(&raw[..lt]);
-            if !name.iter().all(|&b| is_token(b) || is_lws(b)) {
+            if !all_class(name, TOKEN | LWS) {
                 return Err(AddrError::BadDisplayName);
             }
             if !name.is_empty() {
@@ -56,37 +67,50 @@ impl<'a> NameAddr<'a> {
             i = lt;
         }
         let (uri_raw, bracketed, after) = if raw.get(i) == Some(&b'<') {
-            let close = memchr::memchr(b'>', &raw[i..]).ok_or(AddrError::Unclosed)? + i;
+            let close = find_byte(&raw[i..], b'>').ok_or(AddrError::Unclosed)? + i;
             (&raw[i + 1..close], true, close + 1)
         } else {
             // addr-spec: up to the first ';' or LWS.
-            let mut j = i;
-            while j < raw.len() && raw[j] != b';' && !is_lws(raw[j]) {
-                j += 1;
-            }
+            let j = find_class(raw, i, PARAM_END);
             (&raw[i..j], false, j)
         };
-        if uri_raw.iter().any(|&b| is_lws(b)) {
-            // RFC 4475 "badaspec": spaces inside the addr-spec.
-            return Err(AddrError::Uri(UriError::BadHost));
-        }
-        let uri = Uri::parse(uri_raw).map_err(AddrError::Uri)?;
+        // RFC 4475 "badaspec": spaces inside the addr-spec are refused as a bad host, before
+        // any other fault of the URI. A URI that parses holds no control character or space,
+        // so the LWS check is only needed, and only made, when the parse fails.
+        let uri = Uri::parse(uri_raw).map_err(|e| {
+            if uri_raw.iter().fold(0, |acc, &b| acc | class(b)) & LWS != 0 {
+                AddrError::Uri(UriError::BadHost)
+            } else {
+                AddrError::Uri(e)
+            }
+        })?;
         let j = skip_lws(raw, after);
         let params = &raw[j..];
+        let mut tag = None;
         if !params.is_empty() {
             if params[0] != b';' {
                 return Err(AddrError::Param);
             }
-            validate_header_params(params)?;
+            let scanned = validate_header_params(params)?;
+            tag = if scanned.quoted {
+                // A quoted value may hold ';', which `find_param` (and so `tag()`) splits on
+                // regardless: ask it, to give the same answer.
+                find_param(params, b"tag").flatten()
+            } else {
+                scanned.tag.flatten()
+            };
         }
-        Ok(NameAddr {
-            raw,
-            display,
-            uri_raw,
-            uri,
-            params,
-            bracketed,
-        })
+        Ok((
+            NameAddr {
+                raw,
+                display,
+                uri_raw,
+                uri,
+                params,
+                bracketed,
+            },
+            tag,
+        ))
     }
 
     /// A header parameter (`tag`, `expires`, `+sip.instance`...). `Some(None)` for a flag.
@@ -112,39 +136,57 @@ fn find_top_level_lt(s: &[u8]) -> Option<usize> {
     None
 }
 
-fn validate_header_params(params: &[u8]) -> Result<(), AddrError> {
+/// What [`validate_header_params`] saw besides validity.
+struct ParamScan<'a> {
+    /// The first `tag` parameter: `Some(None)` for a bare flag.
+    tag: Option<Option<&'a [u8]>>,
+    /// Whether any value was a quoted string.
+    quoted: bool,
+}
+
+/// Checks `;name[=value]` header parameters. Without quoted values, the parameters seen here
+/// are exactly the `;`-separated pieces [`find_param`] looks at (names and values with the
+/// LWS around them trimmed), so the `tag` found here is the one `tag()` would find.
+fn validate_header_params(params: &[u8]) -> Result<ParamScan<'_>, AddrError> {
+    let mut scan = ParamScan {
+        tag: None,
+        quoted: false,
+    };
     let mut i = 0;
     while i < params.len() {
         // at ';'
         i = skip_lws(params, i + 1);
         let ns = i;
-        while i < params.len() && is_token(params[i]) {
-            i += 1;
-        }
+        i = skip_class(params, i, TOKEN);
         if i == ns {
             return Err(AddrError::Param);
         }
+        let name = &params[ns..i];
         i = skip_lws(params, i);
+        let mut value = None;
         if params.get(i) == Some(&b'=') {
             i = skip_lws(params, i + 1);
             let vs = i;
             if params.get(i) == Some(&b'"') {
+                scan.quoted = true;
                 i = skip_quoted(params, i).ok_or(AddrError::UnterminatedQuote)?;
             } else {
-                while i < params.len() && params[i] != b';' && !is_lws(params[i]) {
-                    i += 1;
-                }
+                i = find_class(params, i, PARAM_END);
             }
             if i == vs {
                 return Err(AddrError::Param);
             }
+            value = Some(&params[vs..i]);
             i = skip_lws(params, i);
         }
         if i < params.len() && params[i] != b';' {
             return Err(AddrError::Param);
         }
+        if scan.tag.is_none() && eq_lower(name, b"tag") {
+            scan.tag = Some(value);
+        }
     }
-    Ok(())
+    Ok(scan)
 }
 
 #[cfg(test)]

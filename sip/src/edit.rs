@@ -134,33 +134,58 @@ pub fn remove_value_range(msg: &Message, h: &Header, value: &[u8]) -> Range<usiz
 /// Adds `received` and fills `rport` on a Via (RFC 3261 18.2.1, RFC 3581 4), returning the
 /// edits against the message. `received` is added whenever the source differs from sent-by or
 /// rport was requested.
+///
+/// Runs for every request forwarded, so the text is written by hand: the `format!` machinery
+/// for an IPv4 address and the `to_string` of the port were most of a hop's edit cost.
 pub fn stamp_via(msg: &Message, via: &Via<'_>, src_ip: IpAddr, src_port: u16, edits: &mut Edits) {
-    let sent_by_ip = crate::uri::parse_ip(via.host);
-    let need_received = via.rport.is_some() || sent_by_ip != Some(src_ip);
+    // With rport present, received is added whatever sent-by says: no need to parse it.
+    let need_received = via.rport.is_some() || crate::uri::parse_ip(via.host) != Some(src_ip);
     let end = msg.span_of(via.raw).end as usize;
     if let (Some(None), Some(raw)) = (via.rport, via.rport_raw) {
         let r = msg.span_of(raw).range();
-        let mut b = itoa_buf(src_port);
-        edits.replace(r, format_rport(&mut b));
+        let mut b = [0u8; 11];
+        b[..6].copy_from_slice(b"rport=");
+        let n = 6 + write_decimal(&mut b[6..], u32::from(src_port));
+        edits.replace(r, &b[..n]);
     }
     if need_received && via.received.is_none() {
         match src_ip {
-            IpAddr::V4(ip) => edits.insert_fmt(end, format_args!(";received={ip}")),
+            IpAddr::V4(ip) => {
+                // ";received=" and at most 15 bytes of dotted quad.
+                let mut b = [0u8; 26];
+                b[..10].copy_from_slice(b";received=");
+                let mut n = 10;
+                for (k, octet) in ip.octets().into_iter().enumerate() {
+                    if k > 0 {
+                        b[n] = b'.';
+                        n += 1;
+                    }
+                    n += write_decimal(&mut b[n..], u32::from(octet));
+                }
+                edits.insert(end, &b[..n]);
+            }
             IpAddr::V6(ip) => edits.insert_fmt(end, format_args!(";received=[{ip}]")),
         }
     }
 }
 
-fn itoa_buf(port: u16) -> [u8; 11] {
-    let mut b = *b"rport=     ";
-    let s = port.to_string();
-    b[6..6 + s.len()].copy_from_slice(s.as_bytes());
-    b
-}
-
-fn format_rport(b: &mut [u8; 11]) -> &[u8] {
-    let len = b.iter().rposition(|&c| c != b' ').map_or(0, |i| i + 1);
-    &b[..len]
+/// Writes `v` in decimal at the start of `out` (which must have room: 10 bytes for any u32,
+/// fewer for the ports and octets passed here); returns the length.
+fn write_decimal(out: &mut [u8], mut v: u32) -> usize {
+    let mut digits = [0u8; 10];
+    let mut n = 0;
+    loop {
+        digits[n] = b'0' + (v % 10) as u8;
+        n += 1;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    for (o, d) in out.iter_mut().zip(digits[..n].iter().rev()) {
+        *o = *d;
+    }
+    n.min(out.len())
 }
 
 /// Where a new header line can go so that it becomes the topmost of its name: before the

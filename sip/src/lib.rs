@@ -55,11 +55,11 @@ impl Transport {
 
     /// Parses a Via or URI transport token, case-insensitively.
     pub fn from_token(token: &[u8]) -> Option<Transport> {
-        if token.eq_ignore_ascii_case(b"udp") {
+        if scan::eq_lower(token, b"udp") {
             Some(Transport::Udp)
-        } else if token.eq_ignore_ascii_case(b"tcp") {
+        } else if scan::eq_lower(token, b"tcp") {
             Some(Transport::Tcp)
-        } else if token.eq_ignore_ascii_case(b"tls") {
+        } else if scan::eq_lower(token, b"tls") {
             Some(Transport::Tls)
         } else {
             None

@@ -4,7 +4,7 @@
 //! and rport for NAT) and of every response (to recognise its own), so this parser is on the
 //! hot path: one pass, no allocation, slices into the message.
 
-use crate::scan::{is_lws, is_token, skip_lws, skip_quoted};
+use crate::scan::{eq_lower, find_class, skip_class, skip_lws, skip_quoted, PARAM_END, TOKEN};
 use crate::uri::split_host_port;
 use crate::Transport;
 
@@ -47,9 +47,7 @@ impl<'a> Via<'a> {
         for (k, part) in parts.iter_mut().enumerate() {
             i = skip_lws(raw, i);
             let start = i;
-            while i < raw.len() && is_token(raw[i]) {
-                i += 1;
-            }
+            i = skip_class(raw, i, TOKEN);
             if i == start {
                 return Err(ViaError::Protocol);
             }
@@ -62,7 +60,7 @@ impl<'a> Via<'a> {
                 i += 1;
             }
         }
-        if !parts[0].eq_ignore_ascii_case(b"SIP") || parts[1] != b"2.0" {
+        if !eq_lower(parts[0], b"sip") || parts[1] != b"2.0" {
             return Err(ViaError::Protocol);
         }
         let transport_raw = parts[2];
@@ -73,9 +71,7 @@ impl<'a> Via<'a> {
             return Err(ViaError::SentBy);
         }
         let sb_start = i;
-        while i < raw.len() && raw[i] != b';' && !is_lws(raw[i]) {
-            i += 1;
-        }
+        i = find_class(raw, i, PARAM_END);
         let (host, port) = split_host_port(&raw[sb_start..i]).map_err(|_| ViaError::SentBy)?;
         i = skip_lws(raw, i);
         let params = &raw[i..];
@@ -98,9 +94,7 @@ impl<'a> Via<'a> {
             // at ';'
             i = skip_lws(raw, i + 1);
             let name_start = i;
-            while i < raw.len() && is_token(raw[i]) {
-                i += 1;
-            }
+            i = skip_class(raw, i, TOKEN);
             let name = &raw[name_start..i];
             if name.is_empty() {
                 return Err(ViaError::Param);
@@ -113,9 +107,7 @@ impl<'a> Via<'a> {
                 if raw.get(i) == Some(&b'"') {
                     i = skip_quoted(raw, i).ok_or(ViaError::Param)?;
                 } else {
-                    while i < raw.len() && raw[i] != b';' && !is_lws(raw[i]) {
-                        i += 1;
-                    }
+                    i = find_class(raw, i, PARAM_END);
                 }
                 if i == vs {
                     return Err(ViaError::Param);
@@ -129,11 +121,11 @@ impl<'a> Via<'a> {
             if i < raw.len() && raw[i] != b';' {
                 return Err(ViaError::Param);
             }
-            if name.eq_ignore_ascii_case(b"branch") {
+            if eq_lower(name, b"branch") {
                 via.branch = Some(value.ok_or(ViaError::Param)?);
-            } else if name.eq_ignore_ascii_case(b"received") {
+            } else if eq_lower(name, b"received") {
                 via.received = Some(value.ok_or(ViaError::Param)?);
-            } else if name.eq_ignore_ascii_case(b"rport") {
+            } else if eq_lower(name, b"rport") {
                 via.rport = Some(match value {
                     None => None,
                     Some(v) => {
@@ -149,7 +141,7 @@ impl<'a> Via<'a> {
     /// True for an RFC 3261 branch (magic cookie), which makes transaction matching by branch
     /// alone valid (17.2.3). A bare cookie (RFC 4475 "badbranch") is not unique.
     pub fn has_rfc3261_branch(&self) -> bool {
-        matches!(self.branch, Some(b) if b.len() > 7 && b[..7].eq_ignore_ascii_case(b"z9hG4bK"))
+        matches!(self.branch, Some(b) if b.len() > 7 && crate::scan::eq_ic(&b[..7], b"z9hG4bK"))
     }
 }
 
