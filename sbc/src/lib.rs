@@ -13,6 +13,7 @@ pub mod flow_token;
 pub mod proxy;
 pub mod registrations;
 pub mod server;
+pub mod timer_wheel;
 pub mod transport;
 
 pub use server::Sbc;

@@ -15,6 +15,7 @@
 
 use crate::flow_token::FlowTokens;
 use crate::registrations::Registrations;
+use crate::timer_wheel::TimerWheel;
 use crate::transport::{Dest, Flow, Handler, Inbound, SendError, Transports};
 use ahash::AHashMap;
 use bytes::Bytes;
@@ -31,8 +32,6 @@ use sbc_sip::transaction::{
 use sbc_sip::uri::{Scheme, Uri};
 use sbc_sip::Transport;
 use smallvec::SmallVec;
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -128,12 +127,13 @@ struct ProxyTx {
     failover: Option<Failover>,
 }
 
-#[derive(Default)]
 struct Core {
     txs: AHashMap<u64, ProxyTx>,
     server_idx: AHashMap<TxKey, u64>,
     client_idx: AHashMap<TxKey, u64>,
-    timers: BinaryHeap<Reverse<(Instant, u64)>>,
+    wheel: TimerWheel,
+    /// The deadline the timer task sleeps until; an earlier one must wake it.
+    timer_sleep: Option<Instant>,
     next_id: u64,
 }
 
@@ -158,6 +158,12 @@ pub struct Proxy {
     selector: RwLock<Option<Arc<dyn NodeSelector>>>,
 }
 
+/// Granularity of transaction timers: SIP timers (T1 = 500 ms) tolerate a few milliseconds of
+/// lateness, and coalescing bounds the timer task's wake-ups (each a context switch).
+const TIMER_TICK: Duration = Duration::from_millis(5);
+/// One revolution of the wheel covers 64 x T1 with the default T1 (Timers B, F, H, J, L, M).
+const TIMER_SLOTS: usize = 8192;
+
 /// What a request is routed to.
 enum Target {
     Forward {
@@ -177,7 +183,14 @@ enum Target {
 impl Proxy {
     pub fn new(settings: ProxySettings, routes: RouteTable) -> Arc<Proxy> {
         Arc::new(Proxy {
-            core: Mutex::new(Core::default()),
+            core: Mutex::new(Core {
+                txs: AHashMap::new(),
+                server_idx: AHashMap::new(),
+                client_idx: AHashMap::new(),
+                wheel: TimerWheel::new(Instant::now(), TIMER_TICK, TIMER_SLOTS),
+                timer_sleep: None,
+                next_id: 0,
+            }),
             routes: RwLock::new(Arc::new(routes)),
             transports: OnceLock::new(),
             locals: OnceLock::new(),
@@ -347,7 +360,7 @@ impl Proxy {
 
     /// The earliest timer deadline, for the timer task.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.core.lock().timers.peek().map(|r| r.0 .0)
+        self.core.lock().wheel.next_deadline()
     }
 
     /// Runs every timer due at `now`.
@@ -355,11 +368,9 @@ impl Proxy {
         let mut out = Out::new();
         {
             let mut core = self.core.lock();
-            while let Some(&Reverse((at, id))) = core.timers.peek() {
-                if at > now {
-                    break;
-                }
-                core.timers.pop();
+            let mut due = Vec::new();
+            core.wheel.expire(now, &mut due);
+            for id in due {
                 let Core {
                     txs, client_idx, ..
                 } = &mut *core;
@@ -377,7 +388,7 @@ impl Proxy {
                         f.deadline = None;
                     }
                 }
-                if tx.scheduled == Some(at) {
+                if tx.scheduled.is_some_and(|s| s <= now) {
                     tx.scheduled = None;
                 }
                 tx.server.handle_timeout(now);
@@ -411,9 +422,15 @@ impl Proxy {
     pub async fn run_timers(self: Arc<Self>) {
         let mut last_sweep = Instant::now();
         loop {
-            let next = self
-                .next_deadline()
-                .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            let next = {
+                let mut core = self.core.lock();
+                let next = core
+                    .wheel
+                    .next_deadline()
+                    .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+                core.timer_sleep = Some(next);
+                next
+            };
             let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(next));
             tokio::select! {
                 _ = sleep => {}
@@ -563,11 +580,12 @@ impl Proxy {
             next = min_opt(next, f.deadline);
         }
         if let Some(at) = next {
+            let at = core.wheel.round(at);
             if tx.scheduled.is_none_or(|s| at < s || s <= now) {
                 tx.scheduled = Some(at);
-                let wake = core.timers.peek().is_none_or(|r| at < r.0 .0);
-                core.timers.push(Reverse((at, id)));
-                if wake {
+                core.wheel.insert(at, id);
+                if core.timer_sleep.is_none_or(|s| at < s) {
+                    core.timer_sleep = Some(at);
                     self.timer_wake.notify_one();
                 }
             }

@@ -21,11 +21,27 @@ pub(super) struct UdpEntry {
     pub(super) local: SocketAddr,
 }
 
+/// Datagrams read per `recvmmsg` call and written per `sendmmsg` call.
+const BATCH: usize = 32;
+
 pub(super) async fn recv_loop(inner: Arc<Inner>, entry: Arc<UdpEntry>) {
-    let mut buf = vec![0u8; RECV_BUFFER];
+    // One slot per datagram of a batch; a datagram larger than a slot is truncated by the
+    // kernel (MSG_TRUNC tells) and dropped like any oversize message.
+    let slot = inner.cfg.max_message_size.clamp(1024, RECV_BUFFER) + 1;
+    let mut bufs = vec![0u8; slot * BATCH];
+    let mut batch = mmsg::RecvBatch::new(BATCH);
     loop {
-        let (n, remote) = match entry.socket.recv_from(&mut buf).await {
-            Ok(r) => r,
+        if let Err(err) = entry.socket.readable().await {
+            tracing::debug!(local = %entry.local, error = %err, "UDP readiness error");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
+        let got = entry.socket.try_io(tokio::io::Interest::READABLE, || {
+            batch.recv(&entry.socket, &mut bufs, slot)
+        });
+        let n = match got {
+            Ok(n) => n,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
             Err(err) => {
                 // A shared listener socket must survive anything one peer provokes (some
                 // platforms report ICMP errors here); the pause only stops a persistent error
@@ -36,29 +52,56 @@ pub(super) async fn recv_loop(inner: Arc<Inner>, entry: Arc<UdpEntry>) {
             }
         };
         let received_at = Instant::now();
-        let data = &buf[..n];
-        if n > inner.cfg.max_message_size {
-            stats::framing_error(Transport::Udp);
-            tracing::debug!(%remote, len = n, "dropping oversize UDP datagram");
-            continue;
+        // Replies produced while handling this batch leave in one sendmmsg per socket: fewer
+        // system calls and fewer wake-ups of the peers.
+        SEND_BATCH.with(|b| b.borrow_mut().active = true);
+        for i in 0..n {
+            let Some((len, truncated, remote)) = batch.meta(i) else {
+                continue;
+            };
+            if truncated || len > inner.cfg.max_message_size {
+                stats::framing_error(Transport::Udp);
+                tracing::debug!(%remote, len, "dropping oversize UDP datagram");
+                continue;
+            }
+            let data = &bufs[i * slot..i * slot + len];
+            // CRLF keep-alives (and empty datagrams) carry no message. RFC 5626 UDP keep-alive
+            // is STUN, which is out of scope, so they are not answered.
+            if data.iter().all(|&b| b == b'\r' || b == b'\n') {
+                continue;
+            }
+            let flow = Flow {
+                transport: Transport::Udp,
+                local: entry.local,
+                remote,
+                conn: None,
+            };
+            inner.handler.on_message(Inbound {
+                flow,
+                data: Bytes::copy_from_slice(data),
+                received_at,
+            });
         }
-        // CRLF keep-alives (and empty datagrams) carry no message. RFC 5626 UDP keep-alive is
-        // STUN, which is out of scope, so they are not answered.
-        if data.iter().all(|&b| b == b'\r' || b == b'\n') {
-            continue;
-        }
-        let flow = Flow {
-            transport: Transport::Udp,
-            local: entry.local,
-            remote,
-            conn: None,
-        };
-        inner.handler.on_message(Inbound {
-            flow,
-            data: Bytes::copy_from_slice(data),
-            received_at,
+        let pending = SEND_BATCH.with(|b| {
+            let mut b = b.borrow_mut();
+            b.active = false;
+            std::mem::take(&mut b.queue)
         });
+        if !pending.is_empty() {
+            inner.flush_udp_batch(pending);
+        }
     }
+}
+
+/// Datagrams queued by sends made while a receive batch is being handled on this thread.
+#[derive(Default)]
+struct SendBatch {
+    active: bool,
+    queue: Vec<(Arc<UdpEntry>, SocketAddr, Dest, Bytes)>,
+}
+
+thread_local! {
+    static SEND_BATCH: std::cell::RefCell<SendBatch> = std::cell::RefCell::new(SendBatch::default());
 }
 
 impl Inner {
@@ -100,6 +143,19 @@ impl Inner {
             remote,
             conn: None,
         };
+        let queued = SEND_BATCH.with(|b| {
+            let mut b = b.borrow_mut();
+            if b.active {
+                b.queue
+                    .push((entry.clone(), remote, dest.clone(), data.clone()));
+                true
+            } else {
+                false
+            }
+        });
+        if queued {
+            return Ok(flow);
+        }
         match entry.socket.try_send_to(&data, remote) {
             Ok(_) => Ok(flow),
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
@@ -114,5 +170,218 @@ impl Inner {
             }
             Err(err) => Err(SendError::Io(err)),
         }
+    }
+}
+
+impl Inner {
+    /// Sends what a receive batch produced: one sendmmsg per run of datagrams from the same
+    /// socket, falling back to single sends for what the kernel did not take.
+    fn flush_udp_batch(&self, queue: Vec<(Arc<UdpEntry>, SocketAddr, Dest, Bytes)>) {
+        let mut start = 0;
+        while start < queue.len() {
+            let entry = &queue[start].0;
+            let mut end = start + 1;
+            while end < queue.len() && end - start < BATCH && Arc::ptr_eq(&queue[end].0, entry) {
+                end += 1;
+            }
+            let run = &queue[start..end];
+            let sent = entry
+                .socket
+                .try_io(tokio::io::Interest::WRITABLE, || {
+                    mmsg::send_batch(&entry.socket, run.iter().map(|(_, r, _, d)| (*r, d)))
+                })
+                .unwrap_or(0);
+            for (e, remote, dest, data) in &run[sent.min(run.len())..] {
+                let _ = self.send_udp(e.clone(), *remote, dest, data.clone());
+            }
+            start = end;
+        }
+    }
+}
+
+/// `recvmmsg`/`sendmmsg` (Linux): the only unsafe code in the transports, kept to building
+/// the kernel's message headers over buffers this module owns.
+mod mmsg {
+    use std::io;
+    use std::mem::{size_of, zeroed};
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+    use std::os::fd::AsRawFd;
+
+    pub(super) struct RecvBatch {
+        hdrs: Vec<libc::mmsghdr>,
+        iovs: Vec<libc::iovec>,
+        addrs: Vec<libc::sockaddr_storage>,
+    }
+
+    // The raw pointers inside are only used during a call made by the owner.
+    unsafe impl Send for RecvBatch {}
+
+    impl RecvBatch {
+        pub(super) fn new(n: usize) -> RecvBatch {
+            RecvBatch {
+                // SAFETY: all-zero is a valid value for these plain C structs.
+                hdrs: (0..n).map(|_| unsafe { zeroed() }).collect(),
+                iovs: (0..n)
+                    .map(|_| libc::iovec {
+                        iov_base: std::ptr::null_mut(),
+                        iov_len: 0,
+                    })
+                    .collect(),
+                addrs: (0..n).map(|_| unsafe { zeroed() }).collect(),
+            }
+        }
+
+        /// Receives up to `n` datagrams into `bufs` (slots of `slot` bytes) without blocking.
+        pub(super) fn recv(
+            &mut self,
+            sock: &impl AsRawFd,
+            bufs: &mut [u8],
+            slot: usize,
+        ) -> io::Result<usize> {
+            let n = self.hdrs.len().min(bufs.len() / slot);
+            for i in 0..n {
+                self.iovs[i] = libc::iovec {
+                    iov_base: bufs[i * slot..].as_mut_ptr().cast(),
+                    iov_len: slot,
+                };
+                let h = &mut self.hdrs[i];
+                h.msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
+                h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+                h.msg_hdr.msg_iov = &mut self.iovs[i];
+                h.msg_hdr.msg_iovlen = 1;
+                h.msg_hdr.msg_control = std::ptr::null_mut();
+                h.msg_hdr.msg_controllen = 0;
+                h.msg_hdr.msg_flags = 0;
+                h.msg_len = 0;
+            }
+            // SAFETY: every header points at buffers borrowed for the duration of the call
+            // (`bufs`, `self.iovs`, `self.addrs`), each slot within `bufs`.
+            let r = unsafe {
+                libc::recvmmsg(
+                    sock.as_raw_fd(),
+                    self.hdrs.as_mut_ptr(),
+                    n as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                )
+            };
+            if r < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(r as usize)
+        }
+
+        /// Length, truncation flag and source of datagram `i` of the last batch.
+        pub(super) fn meta(&self, i: usize) -> Option<(usize, bool, SocketAddr)> {
+            let h = self.hdrs.get(i)?;
+            let truncated = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+            let addr = from_storage(self.addrs.get(i)?)?;
+            Some((h.msg_len as usize, truncated, addr))
+        }
+    }
+
+    fn from_storage(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
+        match s.ss_family as libc::c_int {
+            libc::AF_INET => {
+                // SAFETY: the family says this storage holds a sockaddr_in.
+                let a: &libc::sockaddr_in =
+                    unsafe { &*(s as *const _ as *const libc::sockaddr_in) };
+                Some(SocketAddr::V4(SocketAddrV4::new(
+                    Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                    u16::from_be(a.sin_port),
+                )))
+            }
+            libc::AF_INET6 => {
+                // SAFETY: the family says this storage holds a sockaddr_in6.
+                let a: &libc::sockaddr_in6 =
+                    unsafe { &*(s as *const _ as *const libc::sockaddr_in6) };
+                Some(SocketAddr::V6(SocketAddrV6::new(
+                    Ipv6Addr::from(a.sin6_addr.s6_addr),
+                    u16::from_be(a.sin6_port),
+                    a.sin6_flowinfo,
+                    a.sin6_scope_id,
+                )))
+            }
+            _ => None,
+        }
+    }
+
+    fn to_storage(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+        // SAFETY: all-zero is a valid sockaddr_storage.
+        let mut s: libc::sockaddr_storage = unsafe { zeroed() };
+        match a {
+            SocketAddr::V4(v4) => {
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: v4.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from(*v4.ip()).to_be(),
+                    },
+                    sin_zero: [0; 8],
+                };
+                // SAFETY: sockaddr_storage is large and aligned enough for any sockaddr.
+                unsafe { std::ptr::write(&mut s as *mut _ as *mut libc::sockaddr_in, sin) };
+                (s, size_of::<libc::sockaddr_in>() as libc::socklen_t)
+            }
+            SocketAddr::V6(v6) => {
+                let sin6 = libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                    sin6_port: v6.port().to_be(),
+                    sin6_flowinfo: v6.flowinfo(),
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: v6.ip().octets(),
+                    },
+                    sin6_scope_id: v6.scope_id(),
+                };
+                // SAFETY: as above.
+                unsafe { std::ptr::write(&mut s as *mut _ as *mut libc::sockaddr_in6, sin6) };
+                (s, size_of::<libc::sockaddr_in6>() as libc::socklen_t)
+            }
+        }
+    }
+
+    /// Sends the datagrams in one call; returns how many the kernel took.
+    pub(super) fn send_batch<'a>(
+        sock: &impl AsRawFd,
+        items: impl Iterator<Item = (SocketAddr, &'a bytes::Bytes)>,
+    ) -> io::Result<usize> {
+        let items: Vec<(SocketAddr, &bytes::Bytes)> = items.collect();
+        let mut addrs: Vec<(libc::sockaddr_storage, libc::socklen_t)> =
+            items.iter().map(|(a, _)| to_storage(*a)).collect();
+        let mut iovs: Vec<libc::iovec> = items
+            .iter()
+            .map(|(_, d)| libc::iovec {
+                iov_base: d.as_ptr() as *mut libc::c_void,
+                iov_len: d.len(),
+            })
+            .collect();
+        let mut hdrs: Vec<libc::mmsghdr> = (0..items.len())
+            .map(|i| {
+                // SAFETY: all-zero is a valid mmsghdr.
+                let mut h: libc::mmsghdr = unsafe { zeroed() };
+                h.msg_hdr.msg_name = (&mut addrs[i].0 as *mut libc::sockaddr_storage).cast();
+                h.msg_hdr.msg_namelen = addrs[i].1;
+                h.msg_hdr.msg_iov = &mut iovs[i];
+                h.msg_hdr.msg_iovlen = 1;
+                h
+            })
+            .collect();
+        if hdrs.is_empty() {
+            return Ok(0);
+        }
+        // SAFETY: headers point into `addrs`, `iovs` and the borrowed payloads, all alive for
+        // the call; the kernel only reads the payloads.
+        let r = unsafe {
+            libc::sendmmsg(
+                sock.as_raw_fd(),
+                hdrs.as_mut_ptr(),
+                hdrs.len() as libc::c_uint,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(r as usize)
     }
 }
