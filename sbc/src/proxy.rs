@@ -128,7 +128,9 @@ struct ProxyTx {
 }
 
 struct Core {
-    txs: AHashMap<u64, ProxyTx>,
+    /// Boxed: a transaction is ~1.5 KB, and growing the table must only move pointers, not
+    /// stall the SIP path copying every entry.
+    txs: AHashMap<u64, Box<ProxyTx>>,
     server_idx: AHashMap<TxKey, u64>,
     client_idx: AHashMap<TxKey, u64>,
     wheel: TimerWheel,
@@ -163,6 +165,8 @@ pub struct Proxy {
 const TIMER_TICK: Duration = Duration::from_millis(5);
 /// One revolution of the wheel covers 64 x T1 with the default T1 (Timers B, F, H, J, L, M).
 const TIMER_SLOTS: usize = 8192;
+/// Initial capacity of the transaction tables.
+const INITIAL_TXS: usize = 16 * 1024;
 
 /// What a request is routed to.
 enum Target {
@@ -184,9 +188,10 @@ impl Proxy {
     pub fn new(settings: ProxySettings, routes: RouteTable) -> Arc<Proxy> {
         Arc::new(Proxy {
             core: Mutex::new(Core {
-                txs: AHashMap::new(),
-                server_idx: AHashMap::new(),
-                client_idx: AHashMap::new(),
+                // Room for a few seconds of a busy SBC before the first growth.
+                txs: AHashMap::with_capacity(INITIAL_TXS),
+                server_idx: AHashMap::with_capacity(INITIAL_TXS),
+                client_idx: AHashMap::with_capacity(INITIAL_TXS),
                 wheel: TimerWheel::new(Instant::now(), TIMER_TICK, TIMER_SLOTS),
                 timer_sleep: None,
                 next_id: 0,
@@ -862,7 +867,7 @@ impl Proxy {
             local_tag: id ^ 0x5bc0_0000,
             failover,
         };
-        core.txs.insert(id, tx);
+        core.txs.insert(id, Box::new(tx));
         core.server_idx.insert(key, id);
         core.client_idx.insert(client_key, id);
         metrics::gauge!("sbc_transactions").set(core.txs.len() as f64);
@@ -905,7 +910,7 @@ impl Proxy {
             failover: None,
         };
         self.local_final(&mut tx, status, reason, now);
-        core.txs.insert(id, tx);
+        core.txs.insert(id, Box::new(tx));
         core.server_idx.insert(key.clone(), id);
         self.drive(&mut core, id, now, out);
     }

@@ -301,8 +301,10 @@ impl Transports {
         let mut tasks = Vec::new();
         for entry in udp {
             tracing::info!(local = %entry.local, "listening on UDP");
-            let task = tokio::spawn(udp::recv_loop(inner.clone(), entry));
-            tasks.push(task.abort_handle());
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name(format!("sip-udp {}", entry.local))
+                .spawn(move || udp::recv_thread(inner, entry))?;
         }
         for (transport, listener, local, acceptor) in streams {
             tracing::info!(%local, "listening on {transport}");

@@ -4,7 +4,7 @@ use std::io;
 use std::net::SocketAddr;
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::TcpListener;
 
 /// Kernel receive buffer asked for on UDP sockets: absorbs bursts (a REGISTER storm after an
 /// outage) while the receive task is inside the handler. The kernel may cap it; that is fine.
@@ -25,13 +25,18 @@ fn new_socket(addr: SocketAddr, ty: Type, proto: Protocol) -> io::Result<Socket>
     Ok(sock)
 }
 
-pub(super) fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+/// A blocking UDP socket: its receive thread sleeps in `recvmmsg` (one system call per wake,
+/// no epoll round trip), while sends from any thread pass MSG_DONTWAIT. The read timeout
+/// lets the thread notice shutdown.
+pub(super) fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     let sock = new_socket(addr, Type::DGRAM, Protocol::UDP)?;
     if let Err(err) = sock.set_recv_buffer_size(UDP_RECV_BUFFER) {
         tracing::debug!(%addr, error = %err, "could not enlarge UDP receive buffer");
     }
     sock.bind(&addr.into())?;
-    UdpSocket::from_std(sock.into())
+    sock.set_nonblocking(false)?;
+    sock.set_read_timeout(Some(std::time::Duration::from_millis(200)))?;
+    Ok(sock.into())
 }
 
 pub(super) fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {

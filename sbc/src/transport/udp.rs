@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use sbc_sip::Transport;
-use tokio::net::UdpSocket;
+use std::net::UdpSocket;
+use std::sync::atomic::Ordering;
 
 use super::{stats, Dest, Flow, Inbound, Inner, SendError};
 
@@ -24,30 +25,34 @@ pub(super) struct UdpEntry {
 /// Datagrams read per `recvmmsg` call and written per `sendmmsg` call.
 const BATCH: usize = 32;
 
-pub(super) async fn recv_loop(inner: Arc<Inner>, entry: Arc<UdpEntry>) {
+/// The receive thread of one UDP socket. It runs inside the runtime's context so that the
+/// handler may spawn tasks, and ends within the socket's read timeout after shutdown.
+pub(super) fn recv_thread(inner: Arc<Inner>, entry: Arc<UdpEntry>) {
+    let _rt = inner.rt.enter();
     // One slot per datagram of a batch; a datagram larger than a slot is truncated by the
     // kernel (MSG_TRUNC tells) and dropped like any oversize message.
     let slot = inner.cfg.max_message_size.clamp(1024, RECV_BUFFER) + 1;
     let mut bufs = vec![0u8; slot * BATCH];
     let mut batch = mmsg::RecvBatch::new(BATCH);
-    loop {
-        if let Err(err) = entry.socket.readable().await {
-            tracing::debug!(local = %entry.local, error = %err, "UDP readiness error");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            continue;
-        }
-        let got = entry.socket.try_io(tokio::io::Interest::READABLE, || {
-            batch.recv(&entry.socket, &mut bufs, slot)
-        });
-        let n = match got {
+    while !inner.shut_down.load(Ordering::Acquire) {
+        let n = match batch.recv(&entry.socket, &mut bufs, slot) {
             Ok(n) => n,
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
             Err(err) => {
                 // A shared listener socket must survive anything one peer provokes (some
                 // platforms report ICMP errors here); the pause only stops a persistent error
                 // from spinning a core.
                 tracing::debug!(local = %entry.local, error = %err, "UDP receive error");
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
         };
@@ -156,13 +161,15 @@ impl Inner {
         if queued {
             return Ok(flow);
         }
-        match entry.socket.try_send_to(&data, remote) {
+        let sock = socket2::SockRef::from(&entry.socket);
+        match sock.send_to_with_flags(&data, &remote.into(), libc::MSG_DONTWAIT) {
             Ok(_) => Ok(flow),
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                // The socket buffer is full: finish off the SIP path, in a blocking task.
                 let handler = self.handler.clone();
                 let dest = dest.clone();
-                self.rt.spawn(async move {
-                    if let Err(err) = entry.socket.send_to(&data, remote).await {
+                self.rt.spawn_blocking(move || {
+                    if let Err(err) = entry.socket.send_to(&data, remote) {
                         handler.on_send_error(&dest, &data, &SendError::Io(err));
                     }
                 });
@@ -185,11 +192,7 @@ impl Inner {
                 end += 1;
             }
             let run = &queue[start..end];
-            let sent = entry
-                .socket
-                .try_io(tokio::io::Interest::WRITABLE, || {
-                    mmsg::send_batch(&entry.socket, run.iter().map(|(_, r, _, d)| (*r, d)))
-                })
+            let sent = mmsg::send_batch(&entry.socket, run.iter().map(|(_, r, _, d)| (*r, d)))
                 .unwrap_or(0);
             for (e, remote, dest, data) in &run[sent.min(run.len())..] {
                 let _ = self.send_udp(e.clone(), *remote, dest, data.clone());
@@ -231,7 +234,8 @@ mod mmsg {
             }
         }
 
-        /// Receives up to `n` datagrams into `bufs` (slots of `slot` bytes) without blocking.
+        /// Waits for at least one datagram (or the socket's read timeout), then takes up to
+        /// `n` that are queued, into `bufs` (slots of `slot` bytes).
         pub(super) fn recv(
             &mut self,
             sock: &impl AsRawFd,
@@ -261,7 +265,7 @@ mod mmsg {
                     sock.as_raw_fd(),
                     self.hdrs.as_mut_ptr(),
                     n as libc::c_uint,
-                    libc::MSG_DONTWAIT,
+                    libc::MSG_WAITFORONE,
                     std::ptr::null_mut(),
                 )
             };
