@@ -762,11 +762,11 @@ impl Proxy {
         }
 
         let target = self.route(&msg, inb);
-        let routes = self.routes.read().clone();
         let mut failover = None;
         let (dest, public_flow) = match target {
             Target::Forward { dest, public_flow } => (dest, public_flow),
             Target::Pool { pool, public_flow } => {
+                let routes = self.routes.read().clone();
                 let nodes: SmallVec<[(usize, Dest); 4]> = self
                     .candidates(&routes, pool)
                     .into_iter()
@@ -1272,12 +1272,20 @@ impl Proxy {
             }
             e.delete(edit::remove_value_range(msg, h, v));
         }
-        let token = public_flow.map(|f| self.tokens.encode(&f));
-        let user = token.as_ref().map(|t| format!("{t}@")).unwrap_or_default();
         let dialog_creating = matches!(
             method,
             Method::Invite | Method::Subscribe | Method::Refer | Method::Notify
         ) && msg.to_tag().is_none();
+        // The flow token (an HMAC) only goes into Record-Route and Path: in-dialog requests
+        // and ACKs, most of the traffic, never pay for it.
+        let user = match public_flow {
+            Some(f) if dialog_creating || method == Method::Register => {
+                let mut u = self.tokens.encode(&f);
+                u.push('@');
+                u
+            }
+            _ => String::new(),
+        };
         if dialog_creating {
             let at = edit::top_insert_point(msg, HeaderName::RecordRoute);
             if out_l.transport == in_l.transport && out_l.addr == in_l.addr {
@@ -1430,7 +1438,7 @@ impl Proxy {
                     e.delete(edit::remove_value_range(&msg, h, via.raw));
                 }
                 let bytes = Bytes::from(e.apply(msg.as_bytes()));
-                if tx.server.send_response(status, bytes, now) {
+                if tx.server.send_response(status, bytes.clone(), now) {
                     count_response(tx.method, status, "forwarded");
                     if status >= 200 {
                         tx.final_sent = true;
@@ -1438,11 +1446,7 @@ impl Proxy {
                 } else if (200..300).contains(&status) && tx.method == Method::Invite {
                     // A 2xx after our server transaction finished still goes upstream:
                     // 2xx are end to end (RFC 3261 16.7 step 10).
-                    let mut e = Edits::new();
-                    if let Some(h) = msg.header(HeaderName::Via) {
-                        e.delete(edit::remove_value_range(&msg, h, via.raw));
-                    }
-                    out.push((Dest::Flow(tx.in_flow), Bytes::from(e.apply(msg.as_bytes()))));
+                    out.push((Dest::Flow(tx.in_flow), bytes));
                 }
                 if (200..300).contains(&status) {
                     if let Some(flow) = tx.register_flow {

@@ -69,7 +69,7 @@ pub(super) fn recv_thread(inner: Arc<Inner>, entry: Arc<UdpEntry>) {
                 tracing::debug!(%remote, len, "dropping oversize UDP datagram");
                 continue;
             }
-            let data = &bufs[i * slot..i * slot + len];
+            let data = &bufs[i * slot..i * slot + len.min(slot)];
             // CRLF keep-alives (and empty datagrams) carry no message. RFC 5626 UDP keep-alive
             // is STUN, which is out of scope, so they are not answered.
             if data.iter().all(|&b| b == b'\r' || b == b'\n') {
