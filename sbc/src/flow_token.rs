@@ -4,37 +4,60 @@
 //! called from (same UDP socket and remote address, or same TCP/TLS connection): behind NAT
 //! nothing else reaches it. Instead of a server-side table, the flow is encoded in the URI the
 //! PBX will route back through (RFC 3327 Path, RFC 5626 section 5.2 style), authenticated with
-//! an HMAC so a sender cannot forge a token to make the SBC relay to an arbitrary address.
+//! a MAC so a sender cannot forge a token to make the SBC relay to an arbitrary address.
+//!
+//! The MAC is SipHash-2-4 with a 128-bit key and a 64-bit tag: a PRF built for exactly this
+//! (short inputs, keyed), as strong as the 64-bit truncated HMAC-SHA256 used before, and about
+//! a tenth of its cost. That matters because every REGISTER, every dialog-creating request
+//! and every request the PBX sends back toward a phone computes one (HMAC was 9% of the
+//! SBC's instructions per REGISTER under callgrind).
 
 use crate::transport::{ConnId, Flow};
-use ring::hmac;
 use sbc_sip::Transport;
+use siphasher::sip::SipHasher24;
+use std::hash::Hasher;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 const MAC_LEN: usize = 8;
 
 /// Encodes and checks tokens with one key.
 pub struct FlowTokens {
-    key: hmac::Key,
+    k0: u64,
+    k1: u64,
 }
 
 impl FlowTokens {
     /// A key from the configured secret (tokens then survive restarts for UDP flows), or a
-    /// random one.
+    /// random one. The secret is hashed down to SipHash's 128-bit key, so any length works
+    /// and every byte of it counts.
     pub fn new(secret: Option<&str>) -> FlowTokens {
-        let key = match secret {
-            Some(s) => hmac::Key::new(hmac::HMAC_SHA256, s.as_bytes()),
-            None => {
-                let bytes: [u8; 32] = rand::random();
-                hmac::Key::new(hmac::HMAC_SHA256, &bytes)
+        let key: [u8; 16] = match secret {
+            Some(s) => {
+                let d = ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
+                let mut k = [0u8; 16];
+                k.copy_from_slice(&d.as_ref()[..16]);
+                k
             }
+            None => rand::random(),
         };
-        FlowTokens { key }
+        let (mut a, mut b) = ([0u8; 8], [0u8; 8]);
+        a.copy_from_slice(&key[..8]);
+        b.copy_from_slice(&key[8..]);
+        FlowTokens {
+            k0: u64::from_le_bytes(a),
+            k1: u64::from_le_bytes(b),
+        }
+    }
+
+    fn tag(&self, body: &[u8]) -> [u8; MAC_LEN] {
+        let mut h = SipHasher24::new_with_keys(self.k0, self.k1);
+        h.write(body);
+        h.finish().to_be_bytes()
     }
 
     /// Hex text safe in a SIP user part.
     pub fn encode(&self, flow: &Flow) -> String {
-        let mut b = Vec::with_capacity(48);
+        let mut b = Vec::with_capacity(56);
         let t = match flow.transport {
             Transport::Udp => 0u8,
             Transport::Tcp => 1,
@@ -51,9 +74,16 @@ impl FlowTokens {
         push_addr(&mut b, flow.remote);
         push_addr(&mut b, flow.local);
         b.extend_from_slice(&flow.conn.map_or(0, |c| c.0).to_be_bytes());
-        let tag = hmac::sign(&self.key, &b);
-        b.extend_from_slice(&tag.as_ref()[..MAC_LEN]);
-        hex::encode(b)
+        let tag = self.tag(&b);
+        b.extend_from_slice(&tag);
+        // hex::encode collects chars one by one (a third of this function's cost).
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut text = Vec::with_capacity(b.len() * 2);
+        for x in &b {
+            text.push(HEX[usize::from(x >> 4)]);
+            text.push(HEX[usize::from(x & 15)]);
+        }
+        String::from_utf8(text).unwrap_or_default()
     }
 
     /// The flow a token names, or `None` when it is malformed or not ours.
@@ -63,10 +93,10 @@ impl FlowTokens {
             return None;
         }
         let (body, mac) = b.split_at(b.len() - MAC_LEN);
-        let tag = hmac::sign(&self.key, body);
-        // Constant-time comparison is not needed for a truncated MAC over public data, but it
-        // costs nothing.
-        if !constant_eq(&tag.as_ref()[..MAC_LEN], mac) {
+        let tag = self.tag(body);
+        // Constant-time comparison is not needed for a MAC over public data, but it costs
+        // nothing.
+        if !constant_eq(&tag, mac) {
             return None;
         }
         let flags = *body.first()?;

@@ -1195,17 +1195,33 @@ impl Proxy {
     }
 
     /// RFC 3261 16.3 step 4: a request carrying our Via with the same loop hash has looped.
+    /// Most requests carry no Via of ours at all, so the hash is computed only for those that
+    /// do (a spiral through the PBX, or a real loop).
     fn is_loop(&self, msg: &Message) -> bool {
-        let hash = loop_hash(msg);
-        let mut marker = String::with_capacity(24);
-        let _ = write!(marker, "z9hG4bK-sbc-{hash:08x}-");
+        const MARK: &[u8] = b"z9hG4bK-sbc-";
+        let mut hash: Option<[u8; 8]> = None;
         msg.values(HeaderName::Via).any(|(_, v)| {
+            if memchr::memmem::find(v, MARK).is_none() {
+                return false;
+            }
             sbc_sip::via::Via::parse(v).is_ok_and(|via| {
-                via.branch.is_some_and(|b| b.starts_with(marker.as_bytes()))
-                    && self
-                        .locals()
-                        .iter()
-                        .any(|l| l.host.as_bytes().eq_ignore_ascii_case(via.host))
+                let Some(rest) = via.branch.and_then(|b| b.strip_prefix(MARK)) else {
+                    return false;
+                };
+                if !self
+                    .locals()
+                    .iter()
+                    .any(|l| l.host.as_bytes().eq_ignore_ascii_case(via.host))
+                {
+                    return false;
+                }
+                let want = hash.get_or_insert_with(|| {
+                    let mut h = [0u8; 8];
+                    let hex = format!("{:08x}", loop_hash(msg));
+                    h.copy_from_slice(hex.as_bytes());
+                    h
+                });
+                rest.len() > 8 && rest[..8] == want[..] && rest[8] == b'-'
             })
         })
     }
