@@ -39,8 +39,8 @@ use std::path::Path;
 
 pub use error::ConfigError;
 pub use types::{
-    fill_template, Admin, Advertise, Config, Failback, General, HttpUrl, Limits, Listener, Node,
-    Phones, Pool, Probe, Side, Timers, Transport, Trunk, Webhook, WebhookEvent,
+    fill_template, Admin, Advertise, Config, Failback, General, HttpUrl, Limits, Listener, Media,
+    MediaSide, Node, Phones, Pool, Probe, Side, Timers, Transport, Trunk, Webhook, WebhookEvent,
     TEMPLATE_PLACEHOLDERS,
 };
 

@@ -37,6 +37,8 @@ pub(crate) struct RawConfig {
     pub phones: RawPhones,
     #[serde(default)]
     pub admin: RawAdmin,
+    #[serde(default)]
+    pub media: RawMedia,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -157,4 +159,25 @@ pub(crate) struct RawPhones {
 pub(crate) struct RawAdmin {
     pub listen: Option<Text>,
     pub token: Option<Text>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMedia {
+    pub enabled: Option<Bool>,
+    pub port_min: Option<Int>,
+    pub port_max: Option<Int>,
+    pub timeout_secs: Option<Int>,
+    pub hold_timeout_secs: Option<Int>,
+    pub relatch_quiet_ms: Option<Int>,
+    pub workers: Option<Int>,
+    pub public: Option<RawMediaSide>,
+    pub internal: Option<RawMediaSide>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMediaSide {
+    pub address: Option<Text>,
+    pub advertise: Option<Text>,
 }

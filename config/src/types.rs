@@ -35,6 +35,8 @@ pub struct Config {
     pub phones: Phones,
     /// The local HTTP admin/metrics endpoint (`[admin]`).
     pub admin: Admin,
+    /// Media anchoring: where the RTP relay binds and what it advertises (`[media]`).
+    pub media: Media,
     /// Absolute path of the file this was loaded from, so a reload (SIGHUP)
     /// re-reads the same file whatever the working directory is by then.
     pub source: PathBuf,
@@ -713,4 +715,49 @@ impl fmt::Debug for Admin {
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .finish()
     }
+}
+
+/// Media anchoring: the RTP/RTCP relay every call's media goes through.
+///
+/// Two sides, because an SBC usually sits between networks: the public
+/// side (phones, trunks) and the internal side (PBX nodes). Each side binds
+/// its relay ports on its own address and writes its own address into the
+/// SDP it sends that way, so a PBX never sees a phone's address and a phone
+/// never sees an internal one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Media {
+    /// `false` passes SDP through untouched (signalling-only SBC).
+    /// Default `true`.
+    pub enabled: bool,
+    /// Toward phones and trunks.
+    pub public: MediaSide,
+    /// Toward PBX nodes.
+    pub internal: MediaSide,
+    /// First port of the relay's range (even; RTP takes even ports, RTCP
+    /// the odd one above). Default 30000.
+    pub port_min: u16,
+    /// Last port of the range. Default 39999.
+    pub port_max: u16,
+    /// Silence after which a call's media is declared dead, its ports
+    /// released and the call torn down. Default 60 s.
+    pub timeout: Duration,
+    /// The same for a call on hold (`a=inactive`/`sendonly`, or `c=0.0.0.0`),
+    /// where silence is normal. Default 3600 s.
+    pub hold_timeout: Duration,
+    /// How long the latched source must stay quiet before another source
+    /// may take its place (a phone whose NAT binding changed), so a stray
+    /// sender cannot hijack a running stream. Default 2000 ms.
+    pub relatch_quiet: Duration,
+    /// Forwarding threads; 0 means one per core. Default 0.
+    pub workers: usize,
+}
+
+/// One side of the relay.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MediaSide {
+    /// Address the relay ports of this side bind on.
+    pub address: IpAddr,
+    /// Address written into SDP sent this way (`c=`), for a relay behind
+    /// 1:1 NAT; defaults to `address`.
+    pub advertise: IpAddr,
 }

@@ -5,7 +5,7 @@
 //! Checks run in file-schema order (general, listen, limits, timers, pool,
 //! trunk, phones, admin) and stop at the first error.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::{Range, RangeInclusive};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,13 +16,13 @@ use crate::error::ConfigError;
 use crate::locate::Index;
 use crate::net::{self, Host};
 use crate::raw::{
-    Int, RawAdmin, RawConfig, RawGeneral, RawLimits, RawListener, RawNode, RawPhones, RawPool,
-    RawProbe, RawTimers, RawTrunk, RawWebhook, Text, TextList,
+    Int, RawAdmin, RawConfig, RawGeneral, RawLimits, RawListener, RawMedia, RawMediaSide, RawNode,
+    RawPhones, RawPool, RawProbe, RawTimers, RawTrunk, RawWebhook, Text, TextList,
 };
 use crate::types::{
-    next_placeholder, Admin, Advertise, Config, Failback, General, HttpUrl, Limits, Listener, Node,
-    Phones, Pool, Probe, Side, Timers, Transport, Trunk, Webhook, WebhookEvent,
-    TEMPLATE_PLACEHOLDERS,
+    next_placeholder, Admin, Advertise, Config, Failback, General, HttpUrl, Limits, Listener,
+    Media, MediaSide, Node, Phones, Pool, Probe, Side, Timers, Transport, Trunk, Webhook,
+    WebhookEvent, TEMPLATE_PLACEHOLDERS,
 };
 
 /// Minimum length of `general.secret` and `admin.token`: shorter keys are
@@ -58,6 +58,7 @@ pub(crate) fn build(
     let trunks = cx.trunks(&raw.trunk, &pools)?;
     let phones = cx.phones(&raw.phones, &pools)?;
     let admin = cx.admin(&raw.admin)?;
+    let media = cx.media(&raw.media, &listen)?;
     Ok(Config {
         general,
         listen,
@@ -67,6 +68,7 @@ pub(crate) fn build(
         trunks,
         phones,
         admin,
+        media,
         source: absolute(origin),
     })
 }
@@ -1109,6 +1111,149 @@ impl Ctx<'_> {
             ));
         }
         Ok(admin)
+    }
+}
+
+impl Ctx<'_> {
+    fn media(&self, raw: &RawMedia, listen: &[Listener]) -> Result<Media, ConfigError> {
+        let enabled = raw.enabled.as_ref().is_none_or(|b| *b.get_ref());
+        let port = |v: &Option<Int>, key: &str, default: u16| {
+            self.int(
+                v.as_ref(),
+                &format!("media.{key}"),
+                1024..=65_535,
+                u64::from(default),
+                "",
+            )
+            .map(|n| u16::try_from(n).unwrap_or(u16::MAX))
+        };
+        let port_min = port(&raw.port_min, "port_min", 30_000)?;
+        let port_max = port(&raw.port_max, "port_max", 39_999)?;
+        if port_min % 2 != 0 {
+            let span = raw.port_min.as_ref().map_or(0..0, |v| v.span());
+            return Err(self.at(
+                span,
+                "media.port_min",
+                format!(
+                    "must be even (RTP takes even ports, RTCP the odd one above), got {port_min}"
+                ),
+            ));
+        }
+        if u32::from(port_max) < u32::from(port_min) + 1 {
+            let span = raw.port_max.as_ref().map_or(0..0, |v| v.span());
+            return Err(self.at(
+                span,
+                "media.port_max",
+                format!("must be above media.port_min ({port_min}) to hold at least one RTP/RTCP pair, got {port_max}"),
+            ));
+        }
+        let secs = |v: &Option<Int>, key: &str, range: RangeInclusive<i64>, default: u64| {
+            self.int(
+                v.as_ref(),
+                &format!("media.{key}"),
+                range,
+                default,
+                "seconds",
+            )
+            .map(Duration::from_secs)
+        };
+        let timeout = secs(&raw.timeout_secs, "timeout_secs", 1..=86_400, 60)?;
+        let hold_timeout = secs(
+            &raw.hold_timeout_secs,
+            "hold_timeout_secs",
+            1..=86_400,
+            3600,
+        )?;
+        let relatch_quiet = Duration::from_millis(self.int(
+            raw.relatch_quiet_ms.as_ref(),
+            "media.relatch_quiet_ms",
+            0..=60_000,
+            2000,
+            "milliseconds",
+        )?);
+        let workers = self.int(raw.workers.as_ref(), "media.workers", 0..=256, 0, "")?;
+        let public = self.media_side(raw.public.as_ref(), "public", listen, Side::faces_public)?;
+        let internal = self.media_side(
+            raw.internal.as_ref(),
+            "internal",
+            listen,
+            Side::faces_internal,
+        )?;
+        Ok(Media {
+            enabled,
+            public,
+            internal,
+            port_min,
+            port_max,
+            timeout,
+            hold_timeout,
+            relatch_quiet,
+            workers: usize::try_from(workers).unwrap_or(0),
+        })
+    }
+
+    /// A side's addresses: as configured, or those of the first SIP listener serving that side
+    /// (its advertised address when it binds a wildcard), so a small setup needs no `[media]`.
+    fn media_side(
+        &self,
+        raw: Option<&RawMediaSide>,
+        side: &str,
+        listen: &[Listener],
+        serves: fn(Side) -> bool,
+    ) -> Result<MediaSide, ConfigError> {
+        let ip = |v: &Text, key: &str| -> Result<IpAddr, ConfigError> {
+            let t = v.get_ref();
+            t.trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+                .map_err(|_| {
+                    self.at(
+                        v.span(),
+                        &format!("media.{side}.{key}"),
+                        format!("\"{t}\" is not an IP address"),
+                    )
+                })
+        };
+        let address = match raw.and_then(|r| r.address.as_ref()) {
+            // A wildcard bind is fine when the advertised address says what SDP names.
+            Some(a) => ip(a, "address")?,
+            None => {
+                let l = listen.iter().find(|l| serves(l.side)).ok_or_else(|| {
+                    self.at_table(
+                        "media",
+                        &format!("media.{side}.address"),
+                        format!("no SIP listener serves the {side} side to take the relay address from; set media.{side}.address"),
+                    )
+                })?;
+                l.addr.ip()
+            }
+        };
+        let advertise = match raw.and_then(|r| r.advertise.as_ref()) {
+            Some(a) => ip(a, "advertise")?,
+            None if !address.is_unspecified() => address,
+            None => {
+                // Inherit the SIP listener's advertised address when it is an IP.
+                let from_listener = listen
+                    .iter()
+                    .filter(|l| serves(l.side))
+                    .filter_map(|l| l.advertise.as_ref())
+                    .find_map(|a| {
+                        a.host
+                            .trim_start_matches('[')
+                            .trim_end_matches(']')
+                            .parse::<IpAddr>()
+                            .ok()
+                    });
+                from_listener.ok_or_else(|| {
+                    self.at_table(
+                        &format!("media.{side}"),
+                        &format!("media.{side}.advertise"),
+                        format!("the relay binds a wildcard address ({address}) on the {side} side, so SDP needs an address to name; set media.{side}.advertise (or media.{side}.address)"),
+                    )
+                })?
+            }
+        };
+        Ok(MediaSide { address, advertise })
     }
 }
 

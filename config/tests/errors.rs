@@ -776,3 +776,74 @@ fn accepts_dotted_keys_case_and_port_zero() {
     assert_eq!(c.listen.len(), 2);
     assert_eq!(c.listen[0].addr.port(), 0);
 }
+
+// ---------------------------------------------------------------- media
+
+#[test]
+fn media_defaults_follow_the_sip_listener() {
+    let c = ok(BASE);
+    assert!(c.media.enabled);
+    let lo: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    assert_eq!((c.media.public.address, c.media.public.advertise), (lo, lo));
+    assert_eq!(c.media.internal.address, lo);
+    assert_eq!((c.media.port_min, c.media.port_max), (30000, 39999));
+    assert_eq!(c.media.timeout, std::time::Duration::from_secs(60));
+}
+
+#[test]
+fn media_wildcard_listener_lends_its_advertised_address() {
+    let text = BASE.replace(
+        "addr = \"127.0.0.1:5060\"",
+        "addr = \"0.0.0.0:5060\"\nadvertise = \"192.0.2.7\"",
+    );
+    let c = ok(&text);
+    assert!(c.media.public.address.is_unspecified());
+    assert_eq!(
+        c.media.public.advertise,
+        "192.0.2.7".parse::<std::net::IpAddr>().unwrap()
+    );
+}
+
+#[test]
+fn media_sides_and_ranges_are_checked() {
+    let c = ok(&with(
+        "[media]\nport_min = 40000\nport_max = 40001\n[media.public]\naddress = \"::1\"\nadvertise = \"[2001:db8::5]\"\n",
+    ));
+    assert_eq!(
+        c.media.public.advertise,
+        "2001:db8::5".parse::<std::net::IpAddr>().unwrap()
+    );
+    assert_eq!((c.media.port_min, c.media.port_max), (40000, 40001));
+    err_at(
+        &with("[media]\nport_min = 30001\n"),
+        "port_min = 30001",
+        "media.port_min",
+        "must be even",
+    );
+    err_at(
+        &with("[media]\nport_min = 30000\nport_max = 30000\n"),
+        "port_max = 30000",
+        "media.port_max",
+        "at least one RTP/RTCP pair",
+    );
+    err_at(
+        &with("[media.internal]\naddress = \"pbx.example\"\n"),
+        "address = \"pbx.example\"",
+        "media.internal.address",
+        "not an IP address",
+    );
+    err_at(
+        &with("[media]\ntimeout_secs = 0\n"),
+        "timeout_secs = 0",
+        "media.timeout_secs",
+        "must be from 1",
+    );
+    err_at(
+        &with("[media.public]\naddress = \"0.0.0.0\"\n"),
+        "[media.public]",
+        "media.public.advertise",
+        "wildcard",
+    );
+    let off = ok(&with("[media]\nenabled = false\n"));
+    assert!(!off.media.enabled);
+}
