@@ -1,0 +1,151 @@
+//! RTP/RTCP port-pair pools, one per distinct (bind address, range).
+//!
+//! Pairs are handed out from the front of a FIFO and returned to the back, so a pair just
+//! released is the last to be reused: late packets of an ended call then hit a closed port
+//! instead of a new call. Binding happens at allocation, so a port held by another process is
+//! found and skipped right there, and the caller gets bound sockets, not a promise.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::ops::RangeInclusive;
+
+/// Number of even/odd pairs (RTP even, RTCP = RTP + 1) inside an inclusive range.
+pub(crate) fn pair_count(range: &RangeInclusive<u16>) -> usize {
+    pairs(range).count()
+}
+
+fn pairs(range: &RangeInclusive<u16>) -> impl Iterator<Item = u16> {
+    let start = u32::from(*range.start());
+    let end = u32::from(*range.end());
+    let first = start + (start & 1);
+    (first..end)
+        .step_by(2)
+        .filter(move |p| *p < end && *p > 0)
+        .map(|p| p as u16)
+}
+
+/// A bound RTP/RTCP socket pair, non-blocking, ready to be registered with a worker.
+pub(crate) struct BoundPair {
+    pub rtp_port: u16,
+    pub rtp: UdpSocket,
+    pub rtcp: UdpSocket,
+}
+
+/// Free pairs of one address and range.
+pub(crate) struct PortPool {
+    bind: IpAddr,
+    free: VecDeque<u16>,
+    total: usize,
+}
+
+impl PortPool {
+    pub fn new(bind: IpAddr, range: &RangeInclusive<u16>) -> Self {
+        let free: VecDeque<u16> = pairs(range).collect();
+        PortPool {
+            bind,
+            total: free.len(),
+            free,
+        }
+    }
+
+    /// Pairs not handed out (some may still turn out to be busy in another process).
+    pub fn available(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Pairs in the range.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Takes the next pair that binds. Each free pair is tried at most once per call; a pair
+    /// that fails with "address in use" goes to the back (the other process may let go of it)
+    /// and the next one is tried. `None` when no pair could be bound.
+    pub fn allocate(&mut self) -> Option<BoundPair> {
+        for _ in 0..self.free.len() {
+            let port = self.free.pop_front()?;
+            match bind_pair(self.bind, port) {
+                Ok(pair) => return Some(pair),
+                Err(e) => {
+                    tracing::debug!(port, bind = %self.bind, error = %e, "RTP port pair busy, skipped");
+                    self.free.push_back(port);
+                }
+            }
+        }
+        None
+    }
+
+    /// Gives a pair back. The caller has closed both sockets already.
+    pub fn release(&mut self, rtp_port: u16) {
+        debug_assert!(
+            !self.free.contains(&rtp_port),
+            "double release of {rtp_port}"
+        );
+        self.free.push_back(rtp_port);
+    }
+}
+
+fn bind_pair(ip: IpAddr, port: u16) -> io::Result<BoundPair> {
+    let rtp = UdpSocket::bind(SocketAddr::new(ip, port))?;
+    let rtcp = UdpSocket::bind(SocketAddr::new(ip, port + 1))?;
+    rtp.set_nonblocking(true)?;
+    rtcp.set_nonblocking(true)?;
+    Ok(BoundPair {
+        rtp_port: port,
+        rtp,
+        rtcp,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pairs_are_even_odd_inside_the_range() {
+        assert_eq!(
+            pairs(&(10000..=10005)).collect::<Vec<_>>(),
+            vec![10000, 10002, 10004]
+        );
+        assert_eq!(
+            pairs(&(10001..=10006)).collect::<Vec<_>>(),
+            vec![10002, 10004]
+        );
+        assert_eq!(pairs(&(10001..=10002)).count(), 0);
+        assert_eq!(pairs(&(65534..=65535)).collect::<Vec<_>>(), vec![65534]);
+        assert_eq!(pairs(&(0..=3)).collect::<Vec<_>>(), vec![2]);
+    }
+
+    #[test]
+    fn busy_port_is_skipped_and_release_reuses_last() {
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        // Find a free even port pair, then occupy its RTCP half from "another process".
+        let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let base = probe.local_addr().unwrap().port() & !1;
+        drop(probe);
+        let range = base.saturating_sub(4)..=base + 1;
+        let Ok(blocker) = UdpSocket::bind(SocketAddr::new(ip, base - 3)) else {
+            return; // port raced away; nothing to prove on this run
+        };
+        let mut pool = PortPool::new(ip, &range);
+        assert_eq!(pool.total(), 3);
+        let a = pool.allocate().expect("a free pair");
+        assert_ne!(
+            a.rtp_port,
+            base - 4,
+            "pair with busy RTCP port must be skipped"
+        );
+        assert_eq!(a.rtp_port % 2, 0);
+        let b = pool.allocate();
+        let c = pool.allocate();
+        // base-4 is blocked, so at most two pairs are bound.
+        assert!(b.is_none() || c.is_none());
+        drop(blocker);
+        let port_a = a.rtp_port;
+        drop(a);
+        pool.release(port_a);
+        assert!(pool.allocate().is_some());
+        drop((b, c));
+    }
+}

@@ -1,0 +1,643 @@
+//! The forwarding threads.
+//!
+//! Each worker owns whole calls: their sockets are registered in the worker's own epoll
+//! instance and their per-stream state lives in the worker's slab, so the packet path takes no
+//! lock and shares no cache line with another forwarding thread. A ready socket is drained with
+//! recvmmsg; everything accepted from one batch leaves through the partner socket in one
+//! sendmmsg (all of a socket's packets go to the same destination). The control side talks to
+//! a worker through a command queue and an eventfd doorbell; counters go the other way through
+//! single-writer atomics.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::mpsc::SyncSender;
+use std::sync::Arc;
+
+use ahash::AHashMap;
+use parking_lot::Mutex;
+use smallvec::SmallVec;
+
+use crate::relay::{CallKey, Shared};
+use crate::stats::{bump, RtpEstimator, StreamCounters};
+use crate::sys::{monotonic_ns, Batch, Epoll, EventFd, RawAddr, BATCH};
+
+const WAKE_TOKEN: u64 = u64::MAX;
+const NO_PARTNER: u32 = u32::MAX;
+/// recvmmsg rounds per ready socket before the others get a turn (level-triggered epoll
+/// brings it back if more is waiting).
+const ROUNDS_PER_EVENT: usize = 4;
+const EVENTS: usize = 256;
+
+/// Identifies one socket of a call: media line, leg (0 = first offerer), RTP or RTCP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct EndpointId {
+    pub media: u16,
+    pub leg: u8,
+    pub rtcp: bool,
+}
+
+impl EndpointId {
+    fn partner(self) -> EndpointId {
+        EndpointId {
+            leg: 1 - self.leg,
+            ..self
+        }
+    }
+}
+
+/// A freshly bound socket handed to the worker.
+pub(crate) struct NewEndpoint {
+    pub id: EndpointId,
+    pub socket: UdpSocket,
+    /// (pool index, RTP port) to give back when the call ends; carried by the RTP socket of the
+    /// pair only, so a pair is released once.
+    pub release: Option<(usize, u16)>,
+    pub counters: Arc<StreamCounters>,
+}
+
+/// What the latest SDP says about one socket's endpoint.
+pub(crate) struct EndpointUpdate {
+    pub id: EndpointId,
+    /// The endpoint's address per its latest SDP; `None` leaves it as it is (the update is
+    /// about the other leg's SDP).
+    pub advertised: Option<Option<SocketAddr>>,
+    /// Forget the learned source: the endpoint changed (new address in SDP, another fork).
+    pub reset_latch: bool,
+    /// Latch on valid RTP/RTCP only (RTP transports) or on any datagram (udptl).
+    pub rtp: bool,
+    pub clock_rates: SmallVec<[(u8, u32); 8]>,
+}
+
+pub(crate) enum Command {
+    /// Result of an offer or answer: new sockets, new SDP facts, the call's current timeout.
+    Apply {
+        call: u64,
+        key: CallKey,
+        create: bool,
+        new: Vec<NewEndpoint>,
+        updates: Vec<EndpointUpdate>,
+        timeout_ns: u64,
+        done: Option<SyncSender<()>>,
+    },
+    /// Close the call's sockets and return its ports; acknowledge when done.
+    Remove {
+        call: u64,
+        done: Option<SyncSender<()>>,
+    },
+    Shutdown,
+}
+
+/// Relay-wide counters of one worker, summed by `Relay::totals`.
+#[derive(Debug, Default)]
+pub(crate) struct WorkerTotals {
+    pub packets: AtomicU64,
+    pub bytes: AtomicU64,
+    pub dropped: AtomicU64,
+}
+
+/// The control side's handle to a worker.
+pub(crate) struct WorkerHandle {
+    pub queue: Arc<Mutex<Vec<Command>>>,
+    pub wake: Arc<EventFd>,
+    pub totals: Arc<WorkerTotals>,
+}
+
+impl WorkerHandle {
+    pub fn send(&self, cmd: Command) {
+        self.queue.lock().push(cmd);
+        self.wake.notify();
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Class {
+    Rtp {
+        ssrc: u32,
+        seq: u16,
+        ts: u32,
+        pt: u8,
+    },
+    Rtcp,
+    Other,
+}
+
+#[inline]
+fn classify(data: &[u8], rtcp_socket: bool) -> Class {
+    if data.len() < 8 || data[0] >> 6 != 2 {
+        return Class::Other;
+    }
+    // RFC 5761 section 4: second byte 192-223 is RTCP (SR 200, RR 201, ...), also on a
+    // multiplexed RTP port.
+    if (192..=223).contains(&data[1]) {
+        return Class::Rtcp;
+    }
+    if rtcp_socket {
+        return Class::Other;
+    }
+    match rtp_rs::RtpReader::new(data) {
+        Ok(r) => Class::Rtp {
+            ssrc: r.ssrc(),
+            seq: r.sequence_number().into(),
+            ts: r.timestamp(),
+            pt: r.payload_type(),
+        },
+        Err(_) => Class::Other,
+    }
+}
+
+enum Verdict {
+    Accept,
+    Foreign,
+    Invalid,
+}
+
+struct Endpoint {
+    socket: UdpSocket,
+    fd: RawFd,
+    call: u64,
+    id: EndpointId,
+    partner: u32,
+    rtp: bool,
+    advertised: Option<SocketAddr>,
+    learned: Option<SocketAddr>,
+    /// Where packets leaving through this socket go: learned, else advertised.
+    dest: Option<RawAddr>,
+    /// Last packet accepted from the latched source (timeouts, re-latch guard).
+    last_rx_ns: u64,
+    est: RtpEstimator,
+    rates: SmallVec<[(u8, u32); 8]>,
+    cached_pt: u8,
+    cached_rate: u32,
+    counters: Arc<StreamCounters>,
+    release: Option<(usize, u16)>,
+}
+
+impl Endpoint {
+    #[inline]
+    fn admit(&mut self, src: SocketAddr, class: Class, now: u64, relatch_ns: u64) -> Verdict {
+        let latchable = if !self.rtp {
+            true
+        } else if self.id.rtcp {
+            matches!(class, Class::Rtcp)
+        } else {
+            matches!(class, Class::Rtp { .. })
+        };
+        match self.learned {
+            Some(l) if l == src => {
+                self.last_rx_ns = now;
+                Verdict::Accept
+            }
+            Some(old) => {
+                if latchable && now.saturating_sub(self.last_rx_ns) >= relatch_ns {
+                    tracing::info!(from = %old, to = %src, "media source re-latched after silence");
+                    self.learn(src, now);
+                    Verdict::Accept
+                } else {
+                    Verdict::Foreign
+                }
+            }
+            None if latchable => {
+                tracing::debug!(source = %src, advertised = ?self.advertised, "media source latched");
+                self.learn(src, now);
+                Verdict::Accept
+            }
+            None => Verdict::Invalid,
+        }
+    }
+
+    fn learn(&mut self, src: SocketAddr, now: u64) {
+        self.learned = Some(src);
+        self.dest = Some(RawAddr::new(&src));
+        self.last_rx_ns = now;
+        self.counters.addrs.lock().learned = Some(src);
+    }
+
+    #[inline]
+    fn rate(&mut self, pt: u8) -> u32 {
+        if pt != self.cached_pt {
+            self.cached_pt = pt;
+            self.cached_rate = self
+                .rates
+                .iter()
+                .find(|(p, _)| *p == pt)
+                .map(|(_, r)| *r)
+                .unwrap_or(0);
+        }
+        self.cached_rate
+    }
+}
+
+struct Slot {
+    gen: u32,
+    ep: Option<Endpoint>,
+}
+
+struct WorkerCall {
+    key: CallKey,
+    endpoints: SmallVec<[(EndpointId, u32); 8]>,
+    timeout_ns: u64,
+    last_signal_ns: u64,
+}
+
+/// Tells the waiting control call that its command has been applied, on drop.
+struct Ack(Option<SyncSender<()>>);
+
+impl Drop for Ack {
+    fn drop(&mut self) {
+        if let Some(done) = self.0.take() {
+            let _ = done.try_send(());
+        }
+    }
+}
+
+pub(crate) struct Worker {
+    shared: Arc<Shared>,
+    queue: Arc<Mutex<Vec<Command>>>,
+    wake: Arc<EventFd>,
+    totals: Arc<WorkerTotals>,
+    epoll: Epoll,
+    slab: Vec<Slot>,
+    free: Vec<u32>,
+    calls: AHashMap<u64, WorkerCall>,
+    batch: Box<Batch>,
+    relatch_ns: u64,
+    sweep_every_ns: u64,
+    next_sweep_ns: u64,
+}
+
+impl Worker {
+    pub fn new(
+        shared: Arc<Shared>,
+        queue: Arc<Mutex<Vec<Command>>>,
+        wake: Arc<EventFd>,
+        totals: Arc<WorkerTotals>,
+    ) -> std::io::Result<Worker> {
+        let epoll = Epoll::new()?;
+        epoll.add(wake.raw(), WAKE_TOKEN)?;
+        let cfg = &shared.config;
+        let shortest = cfg
+            .timeout
+            .min(cfg.hold_timeout)
+            .min(cfg.setup_timeout)
+            .as_nanos() as u64;
+        // Timeouts fire at most an eighth late; never spin faster than 5 ms nor sleep over 1 s.
+        let sweep_every_ns = (shortest / 8).clamp(5_000_000, 1_000_000_000);
+        Ok(Worker {
+            relatch_ns: cfg.relatch_after.as_nanos() as u64,
+            shared,
+            queue,
+            wake,
+            totals,
+            epoll,
+            slab: Vec::new(),
+            free: Vec::new(),
+            calls: AHashMap::default(),
+            batch: Batch::new(),
+            sweep_every_ns,
+            next_sweep_ns: monotonic_ns() + sweep_every_ns,
+        })
+    }
+
+    /// The thread body: wait, forward, apply commands, sweep timeouts, until shut down.
+    pub fn run(mut self) {
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS];
+        loop {
+            let now = monotonic_ns();
+            let wait_ms = (self.next_sweep_ns.saturating_sub(now)).div_ceil(1_000_000) as i32;
+            let n = match self.epoll.wait(&mut events, wait_ms) {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::error!(error = %e, "epoll_wait failed; media worker stops");
+                    return;
+                }
+            };
+            let now = monotonic_ns();
+            // Commands first: a packet read in this round then already sees the latest SDP.
+            if events[..n].iter().any(|ev| ev.u64 == WAKE_TOKEN) {
+                self.wake.drain();
+                let cmds = std::mem::take(&mut *self.queue.lock());
+                for cmd in cmds {
+                    if !self.apply(cmd, now) {
+                        self.shutdown();
+                        return;
+                    }
+                }
+            }
+            for ev in &events[..n] {
+                if ev.u64 != WAKE_TOKEN {
+                    self.on_readable(ev.u64, now);
+                }
+            }
+            if now >= self.next_sweep_ns {
+                self.sweep(now);
+                self.next_sweep_ns = now + self.sweep_every_ns;
+            }
+        }
+    }
+
+    /// The hot path: drain one socket, latch, count, forward in one sendmmsg per batch.
+    fn on_readable(&mut self, token: u64, now: u64) {
+        let idx = (token & 0xffff_ffff) as usize;
+        let gen = (token >> 32) as u32;
+        let Worker {
+            slab,
+            batch,
+            totals,
+            relatch_ns,
+            ..
+        } = self;
+        let relatch_ns = *relatch_ns;
+        match slab.get(idx) {
+            Some(s) if s.gen == gen && s.ep.is_some() => {}
+            _ => return, // event for a socket removed earlier in this round
+        }
+        for _ in 0..ROUNDS_PER_EVENT {
+            let Some(ep) = slab[idx].ep.as_mut() else {
+                return;
+            };
+            let n = match batch.recv(ep.fd) {
+                Ok(0) => return,
+                Ok(n) => n,
+                Err(e) => {
+                    // ICMP errors from earlier sends surface here; nothing to do but go on.
+                    tracing::trace!(error = %e, "recvmmsg");
+                    return;
+                }
+            };
+            let mut accepted = [0u8; BATCH];
+            let (mut count, mut bytes) = (0usize, 0u64);
+            let (mut foreign, mut invalid) = (0u64, 0u64);
+            let mut rtp_seen = false;
+            for i in 0..n {
+                let (data, truncated) = batch.packet(i);
+                let Some(src) = batch.source(i) else {
+                    invalid += 1;
+                    continue;
+                };
+                if truncated || data.is_empty() {
+                    invalid += 1;
+                    continue;
+                }
+                let class = classify(data, ep.id.rtcp);
+                match ep.admit(src, class, now, relatch_ns) {
+                    Verdict::Accept => {}
+                    Verdict::Foreign => {
+                        foreign += 1;
+                        continue;
+                    }
+                    Verdict::Invalid => {
+                        invalid += 1;
+                        continue;
+                    }
+                }
+                if let Class::Rtp { ssrc, seq, ts, pt } = class {
+                    let rate = ep.rate(pt);
+                    ep.est.on_packet(ssrc, seq, ts, now, rate);
+                    rtp_seen = true;
+                }
+                bytes += data.len() as u64;
+                accepted[count] = i as u8;
+                count += 1;
+            }
+            let c = &ep.counters;
+            bump(&c.dropped_foreign, foreign);
+            bump(&c.dropped_invalid, invalid);
+            if rtp_seen {
+                c.lost.store(ep.est.lost(), Relaxed);
+                c.jitter_us.store(ep.est.jitter_us(), Relaxed);
+            }
+            let partner = ep.partner;
+            let mut dropped = foreign + invalid;
+            let (mut sent, mut failed, mut sent_bytes, mut no_peer) = (0usize, 0usize, 0u64, 0u64);
+            if count > 0 {
+                let target = slab
+                    .get(partner as usize)
+                    .and_then(|s| s.ep.as_ref())
+                    .and_then(|p| p.dest.map(|d| (p.fd, d)));
+                match target {
+                    Some((fd, dest)) => {
+                        for (slot, &i) in accepted[..count].iter().enumerate() {
+                            batch.queue(slot, usize::from(i));
+                        }
+                        (sent, failed) = batch.send(fd, count, &dest);
+                        // Bytes of failed sends are not told apart; they are rare.
+                        sent_bytes = if failed == 0 {
+                            bytes
+                        } else {
+                            bytes * sent as u64 / count as u64
+                        };
+                        dropped += failed as u64;
+                    }
+                    None => {
+                        no_peer = count as u64;
+                        dropped += no_peer;
+                    }
+                }
+            }
+            if let Some(ep) = slab[idx].ep.as_ref() {
+                let c = &ep.counters;
+                bump(&c.packets, sent as u64);
+                bump(&c.bytes, sent_bytes);
+                bump(&c.send_errors, failed as u64);
+                bump(&c.dropped_no_peer, no_peer);
+            }
+            bump(&totals.packets, sent as u64);
+            bump(&totals.bytes, sent_bytes);
+            bump(&totals.dropped, dropped);
+            if n < BATCH {
+                return;
+            }
+        }
+    }
+
+    /// Applies one command; false means shut down.
+    fn apply(&mut self, cmd: Command, now: u64) -> bool {
+        match cmd {
+            Command::Apply {
+                call,
+                key,
+                create,
+                new,
+                updates,
+                timeout_ns,
+                done,
+            } => {
+                // Acknowledged when this arm ends, whichever way.
+                let _ack = Ack(done);
+                if !create && !self.calls.contains_key(&call) {
+                    // The call timed out here while the control side was still working on it.
+                    self.release(new.into_iter().filter_map(|e| e.release).collect());
+                    return true;
+                }
+                let entry = self.calls.entry(call).or_insert_with(|| WorkerCall {
+                    key,
+                    endpoints: SmallVec::new(),
+                    timeout_ns,
+                    last_signal_ns: now,
+                });
+                entry.timeout_ns = timeout_ns;
+                entry.last_signal_ns = now;
+                let mut failed = Vec::new();
+                for ne in new {
+                    match self.insert(call, ne, now) {
+                        Ok(()) => {}
+                        Err(release) => failed.extend(release),
+                    }
+                }
+                self.release(failed);
+                for u in updates {
+                    self.update(call, u);
+                }
+            }
+            Command::Remove { call, done } => {
+                let _ack = Ack(done);
+                self.remove_call(call);
+            }
+            Command::Shutdown => return false,
+        }
+        true
+    }
+
+    fn insert(&mut self, call: u64, ne: NewEndpoint, now: u64) -> Result<(), Option<(usize, u16)>> {
+        let idx = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slab.push(Slot { gen: 0, ep: None });
+                (self.slab.len() - 1) as u32
+            }
+        };
+        let fd = ne.socket.as_raw_fd();
+        let gen = self.slab[idx as usize].gen;
+        let Some(wc) = self.calls.get_mut(&call) else {
+            self.free.push(idx);
+            return Err(ne.release);
+        };
+        if let Err(e) = self.epoll.add(fd, (u64::from(gen) << 32) | u64::from(idx)) {
+            tracing::error!(error = %e, "epoll_ctl ADD failed; stream not relayed");
+            self.free.push(idx);
+            return Err(ne.release);
+        }
+        let partner_id = ne.id.partner();
+        let partner = wc
+            .endpoints
+            .iter()
+            .find(|(id, _)| *id == partner_id)
+            .map(|(_, k)| *k)
+            .unwrap_or(NO_PARTNER);
+        wc.endpoints.push((ne.id, idx));
+        if partner != NO_PARTNER {
+            if let Some(p) = self.slab[partner as usize].ep.as_mut() {
+                p.partner = idx;
+            }
+        }
+        self.slab[idx as usize].ep = Some(Endpoint {
+            socket: ne.socket,
+            fd,
+            call,
+            id: ne.id,
+            partner,
+            rtp: true,
+            advertised: None,
+            learned: None,
+            dest: None,
+            last_rx_ns: now,
+            est: RtpEstimator::default(),
+            rates: SmallVec::new(),
+            cached_pt: u8::MAX,
+            cached_rate: 0,
+            counters: ne.counters,
+            release: ne.release,
+        });
+        Ok(())
+    }
+
+    fn update(&mut self, call: u64, u: EndpointUpdate) {
+        let Some(wc) = self.calls.get(&call) else {
+            return;
+        };
+        let Some(&(_, idx)) = wc.endpoints.iter().find(|(id, _)| *id == u.id) else {
+            return;
+        };
+        let Some(ep) = self.slab[idx as usize].ep.as_mut() else {
+            return;
+        };
+        ep.rtp = u.rtp;
+        for (pt, rate) in u.clock_rates {
+            match ep.rates.iter_mut().find(|(p, _)| *p == pt) {
+                Some(e) => e.1 = rate,
+                None => ep.rates.push((pt, rate)),
+            }
+        }
+        ep.cached_pt = u8::MAX;
+        let mut reset = u.reset_latch;
+        if let Some(advertised) = u.advertised {
+            // A new address in SDP means a new endpoint (call moved, device changed): learn
+            // again rather than keep sending to the old source.
+            // (Not the first address: a source latched before the SDP arrived stays.)
+            reset |= ep.advertised.is_some() && ep.advertised != advertised;
+            ep.advertised = advertised;
+        }
+        if reset && ep.learned.is_some() {
+            ep.learned = None;
+            ep.counters.addrs.lock().learned = None;
+        }
+        ep.dest = ep.learned.or(ep.advertised).map(|a| RawAddr::new(&a));
+    }
+
+    /// Closes a call's sockets (so their ports are really free) and then returns the ports.
+    fn remove_call(&mut self, call: u64) -> Option<WorkerCall> {
+        let wc = self.calls.remove(&call)?;
+        let mut releases = Vec::new();
+        for &(_, idx) in &wc.endpoints {
+            let slot = &mut self.slab[idx as usize];
+            if let Some(ep) = slot.ep.take() {
+                debug_assert_eq!(ep.call, call);
+                let _ = self.epoll.delete(ep.fd);
+                releases.extend(ep.release);
+                drop(ep.socket);
+                slot.gen = slot.gen.wrapping_add(1);
+                self.free.push(idx);
+            }
+        }
+        self.release(releases);
+        Some(wc)
+    }
+
+    fn release(&self, ports: Vec<(usize, u16)>) {
+        for (pool, port) in ports {
+            if let Some(p) = self.shared.pools.get(pool) {
+                p.lock().release(port);
+            }
+        }
+    }
+
+    fn sweep(&mut self, now: u64) {
+        let mut expired: SmallVec<[(u64, u64); 4]> = SmallVec::new();
+        for (&uid, wc) in &self.calls {
+            let mut last = wc.last_signal_ns;
+            for &(_, idx) in &wc.endpoints {
+                if let Some(ep) = &self.slab[idx as usize].ep {
+                    last = last.max(ep.last_rx_ns);
+                }
+            }
+            let idle = now.saturating_sub(last);
+            if idle >= wc.timeout_ns {
+                expired.push((uid, idle));
+            }
+        }
+        for (uid, idle) in expired {
+            if let Some(wc) = self.remove_call(uid) {
+                self.shared
+                    .on_timeout(uid, wc.key, std::time::Duration::from_nanos(idle));
+            }
+        }
+    }
+
+    fn shutdown(&mut self) {
+        let uids: Vec<u64> = self.calls.keys().copied().collect();
+        for uid in uids {
+            self.remove_call(uid);
+        }
+    }
+}
