@@ -41,7 +41,8 @@
 //! `sbc_failovers_total{pool,reason}`, `sbc_failbacks_total{pool,reason}`,
 //! `sbc_failover_suppressed_total{pool,reason}`,
 //! `sbc_probe_rtt_seconds{pool,node,kind}` (histogram),
-//! `sbc_probes_total{pool,node,kind,result}`, `sbc_webhook_failures_total{pool}`.
+//! `sbc_probes_total{pool,node,kind,result}`, `sbc_webhooks_total{pool,event,result}`.
+//! Help texts and the exporter live in the `sbc` crate (`sbc::metrics`).
 
 #![warn(missing_docs)]
 

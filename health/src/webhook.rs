@@ -4,7 +4,7 @@
 //! must arrive, but they must never slow the failover itself: each one is
 //! delivered from a task of its own, with a timeout per attempt and a few
 //! retries with growing pauses. A webhook that still fails is logged (one
-//! line) and counted in `sbc_webhook_failures_total{pool}`.
+//! line) and counted in `sbc_webhooks_total{pool,event,result="failed"}`.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -161,6 +161,13 @@ pub(crate) fn fire(
             match deliver_with(&hook, &vars, &tls).await {
                 Ok(code) => {
                     tracing::debug!(pool = %vars.pool, event = %vars.event, url = %authority, code, "webhook delivered");
+                    metrics::counter!(
+                        "sbc_webhooks_total",
+                        "pool" => vars.pool.clone(),
+                        "event" => vars.event.as_str(),
+                        "result" => "ok",
+                    )
+                    .increment(1);
                 }
                 Err(e) => {
                     tracing::warn!(
@@ -171,8 +178,13 @@ pub(crate) fn fire(
                         error = %e,
                         "webhook failed"
                     );
-                    metrics::counter!("sbc_webhook_failures_total", "pool" => vars.pool.clone())
-                        .increment(1);
+                    metrics::counter!(
+                        "sbc_webhooks_total",
+                        "pool" => vars.pool.clone(),
+                        "event" => vars.event.as_str(),
+                        "result" => "failed",
+                    )
+                    .increment(1);
                 }
             }
         });
