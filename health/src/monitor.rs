@@ -86,15 +86,20 @@ pub struct NodeStatus {
 /// Probes every node, keeps every pool's active node, and fails over and
 /// back (see the crate docs).
 pub struct HealthMonitor {
-    shared: Arc<Shared>,
+    /// Replaced whole by [`HealthMonitor::reload`], so that the proxy, the
+    /// admin endpoint and the SBC keep one handle across reloads. Every
+    /// call clones the `Arc` out and drops the guard at once: a call works
+    /// on one generation of pools and nodes, and no lock is nested in it.
+    shared: RwLock<Arc<Shared>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for HealthMonitor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shared = self.shared();
         f.debug_struct("HealthMonitor")
-            .field("pools", &self.shared.pools.len())
-            .field("nodes", &self.shared.nodes.len())
+            .field("pools", &shared.pools.len())
+            .field("nodes", &shared.nodes.len())
             .finish()
     }
 }
@@ -153,112 +158,90 @@ impl HealthMonitor {
     /// # Panics
     /// Outside a tokio runtime (it spawns the probe tasks).
     pub fn start_from(cfg: &Config, previous: Option<&HealthMonitor>) -> Arc<HealthMonitor> {
-        let now = Instant::now();
-        let runtime = tokio::runtime::Handle::current();
-        let mut pools = Vec::with_capacity(cfg.pools.len());
-        let mut nodes = Vec::new();
-        for (p, pool) in cfg.pools.iter().enumerate() {
-            let first = nodes.len();
-            for (local, node) in pool.nodes.iter().enumerate() {
-                nodes.push(NodeRt {
-                    pool: p,
-                    local,
-                    name: node.name.clone(),
-                    address: node.address_text.clone(),
-                    identity: (node.address, node.transport),
-                    prober: Arc::new(Prober::new(&pool.name, node, &pool.probe)),
-                });
-            }
-            let witnesses = pool
-                .probe
-                .witnesses
-                .iter()
-                .filter_map(|w| match HttpUrl::parse(w) {
-                    Ok(u) => Some(u),
-                    Err(e) => {
-                        tracing::error!(pool = %pool.name, error = %e, "bad witness URL ignored");
-                        None
-                    }
-                })
-                .collect();
-            let mut machine = PoolMachine::from_config(pool, now);
-            if let Some(previous) = previous {
-                previous.carry_over(pool, nodes.get(first..).unwrap_or_default(), &mut machine);
-            }
-            pools.push(PoolRt {
-                name: pool.name.clone(),
-                first,
-                machine: RwLock::new(machine),
-                witnesses,
-                webhooks: pool.webhooks.clone(),
-                interval: pool.probe.interval,
-                timeout: pool.probe.timeout,
-            });
-        }
-        let (changes, _) = watch::channel(0u64);
-        let (shutdown, _) = watch::channel(false);
-        let shared = Arc::new(Shared {
-            pools,
-            nodes,
-            changes,
-            shutdown,
-            runtime,
-            tls: Tls::new(None),
-        });
-        for rt in &shared.pools {
-            let m = rt.machine.read();
-            for i in 0..m.len() {
-                let node = shared.node_name(rt.first + i);
-                let current = m.state(i);
-                for state in NodeState::ALL {
-                    let value = if Some(state) == current { 1.0 } else { 0.0 };
-                    node_state_gauge(&rt.name, node, state).set(value);
-                }
-            }
-            set_active_gauges(&shared, rt, &m);
-        }
-        let tasks = (0..shared.nodes.len())
-            .map(|node| {
-                let shared = Arc::clone(&shared);
-                shared.runtime.clone().spawn(probe_loop(shared, node))
-            })
-            .collect();
+        let previous = previous.map(HealthMonitor::shared);
+        let shared = build(cfg, previous.as_deref(), watch::channel(0u64).0);
+        publish_gauges(&shared);
+        let tasks = spawn_probes(&shared);
         Arc::new(HealthMonitor {
-            shared,
+            shared: RwLock::new(shared),
             tasks: Mutex::new(tasks),
         })
     }
 
-    /// Copies into `machine` (for configured `pool`, whose nodes are
-    /// `nodes`) what this monitor knows about the same pool.
-    fn carry_over(&self, pool: &sbc_config::Pool, nodes: &[NodeRt], machine: &mut PoolMachine) {
-        let Some(old_rt) = self.shared.pools.iter().find(|p| p.name == pool.name) else {
-            return;
+    /// Applies a new configuration in place, for a hot reload, with the
+    /// carry-over of [`HealthMonitor::start_from`]: unchanged nodes keep
+    /// their health, pools keep their active node. In place, because the
+    /// proxy, the admin endpoint and the embedder all hold this monitor.
+    /// Node and pool indices follow `cfg` from the moment this returns.
+    ///
+    /// The carry-over is done a second time under the swap's write lock,
+    /// so a transition the old probes saw while the new state was being
+    /// built is not lost (a node that just went down stays down). A no-op
+    /// once the monitor is shut down.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime (it spawns the probe tasks).
+    pub fn reload(&self, cfg: &Config) {
+        let current = self.shared();
+        let fresh = build(cfg, Some(&current), current.changes.clone());
+        let old = {
+            let mut slot = self.shared.write();
+            if *slot.shutdown.borrow() {
+                return;
+            }
+            for (p, pool) in cfg.pools.iter().enumerate() {
+                let Some(rt) = fresh.pools.get(p) else {
+                    continue;
+                };
+                let nodes = fresh
+                    .nodes
+                    .get(rt.first..rt.first + pool.nodes.len())
+                    .unwrap_or_default();
+                carry_over(&slot, pool, nodes, &mut rt.machine.write());
+            }
+            std::mem::replace(&mut *slot, Arc::clone(&fresh))
         };
-        let old = old_rt.machine.read();
-        let thresholds = crate::state::Thresholds::from(&pool.probe);
-        let old_nodes = self.shared.nodes.get(old_rt.first..).unwrap_or_default();
-        for new in nodes {
-            let same = (0..old.len()).find(|&j| {
-                old_nodes
-                    .get(j)
-                    .is_some_and(|o| o.name == new.name && o.identity == new.identity)
-            });
-            if let Some(health) = same.and_then(|j| old.node(j)) {
-                machine.adopt(new.local, health.clone(), thresholds);
+        old.shutdown.send_replace(true);
+        let tasks = spawn_probes(&fresh);
+        for task in std::mem::replace(&mut *self.tasks.lock(), tasks) {
+            task.abort();
+        }
+        // Nodes that left the configuration: their gauges read 0 rather
+        // than their last state forever.
+        for rt in &old.pools {
+            let m = rt.machine.read();
+            for i in 0..m.len() {
+                let node = old.node_name(rt.first + i);
+                let kept = fresh.nodes.iter().any(|n| {
+                    n.name == node && fresh.pools.get(n.pool).is_some_and(|f| f.name == rt.name)
+                });
+                if !kept {
+                    for state in NodeState::ALL {
+                        node_state_gauge(&rt.name, node, state).set(0.0);
+                    }
+                    metrics::gauge!(
+                        "sbc_active_node",
+                        "pool" => rt.name.clone(),
+                        "node" => node.to_string(),
+                    )
+                    .set(0.0);
+                }
             }
         }
-        let active = old.node_name(old.active());
-        if let Some(i) = nodes.iter().position(|n| Some(n.name.as_str()) == active) {
-            machine.restore_active(i, old.is_pinned());
-        }
+        publish_gauges(&fresh);
+        fresh.bump();
+    }
+
+    fn shared(&self) -> Arc<Shared> {
+        Arc::clone(&self.shared.read())
     }
 
     /// The global node indices a NEW transaction to `pool` should try, in
     /// order (see [`PoolMachine::candidates`]). Empty for an unknown pool.
     /// Cheap: a read lock and no allocation for pools of up to four nodes.
     pub fn candidates(&self, pool: usize) -> Candidates {
-        let Some(rt) = self.shared.pools.get(pool) else {
+        let shared = self.shared();
+        let Some(rt) = shared.pools.get(pool) else {
             return Candidates::new();
         };
         let mut out = rt.machine.read().candidates();
@@ -270,7 +253,8 @@ impl HealthMonitor {
 
     /// The global index of the pool's active node.
     pub fn active(&self, pool: usize) -> Option<usize> {
-        let rt = self.shared.pools.get(pool)?;
+        let shared = self.shared();
+        let rt = shared.pools.get(pool)?;
         let active = rt.machine.read().active();
         Some(rt.first + active)
     }
@@ -282,10 +266,11 @@ impl HealthMonitor {
         if !outcome.is_failure() {
             return;
         }
-        let Some(n) = self.shared.nodes.get(node) else {
+        let shared = self.shared();
+        let Some(n) = shared.nodes.get(node) else {
             return;
         };
-        let Some(rt) = self.shared.pools.get(n.pool) else {
+        let Some(rt) = shared.pools.get(n.pool) else {
             return;
         };
         let mut m = rt.machine.write();
@@ -295,14 +280,14 @@ impl HealthMonitor {
             Outcome::Timeout => "transaction timed out".to_string(),
             Outcome::TransportError => "transaction hit a transport error".to_string(),
         };
-        self.shared.apply(n.pool, &mut m, update, &detail);
+        shared.apply(n.pool, &mut m, update, &detail);
     }
 
     /// An operator's failover of `pool` to its next node (no witness check:
     /// the operator decided). Automatic failback will not undo it.
     pub fn failover(&self, pool: usize, reason: &str) -> Result<(), HealthError> {
-        let rt = self
-            .shared
+        let shared = self.shared();
+        let rt = shared
             .pools
             .get(pool)
             .ok_or(HealthError::UnknownPool(pool))?;
@@ -313,22 +298,21 @@ impl HealthMonitor {
         } else {
             reason
         };
-        self.shared.on_switch(pool, &m, switch, reason, None);
+        shared.on_switch(pool, &m, switch, reason, None);
         Ok(())
     }
 
     /// An operator's failback of `pool` to its highest-priority Up node
     /// above the active one; a no-op when the primary is already active.
     pub fn failback(&self, pool: usize) -> Result<(), HealthError> {
-        let rt = self
-            .shared
+        let shared = self.shared();
+        let rt = shared
             .pools
             .get(pool)
             .ok_or(HealthError::UnknownPool(pool))?;
         let mut m = rt.machine.write();
         if let Some(switch) = m.failback(Instant::now())? {
-            self.shared
-                .on_switch(pool, &m, switch, switch.reason.as_str(), None);
+            shared.on_switch(pool, &m, switch, switch.reason.as_str(), None);
         }
         Ok(())
     }
@@ -336,27 +320,27 @@ impl HealthMonitor {
     /// Puts global node `node` into maintenance (never chosen; if it is
     /// active, the role moves at once) or takes it out.
     pub fn set_maintenance(&self, node: usize, on: bool) -> Result<(), HealthError> {
-        let n = self
-            .shared
+        let shared = self.shared();
+        let n = shared
             .nodes
             .get(node)
             .ok_or(HealthError::UnknownNode(node))?;
-        let rt = self
-            .shared
+        let rt = shared
             .pools
             .get(n.pool)
             .ok_or(HealthError::UnknownNode(node))?;
         let mut m = rt.machine.write();
         let update = m.set_maintenance(n.local, on, Instant::now());
-        self.shared.apply(n.pool, &mut m, update, "operator");
+        shared.apply(n.pool, &mut m, update, "operator");
         Ok(())
     }
 
     /// Every pool with its active node and its nodes' states.
     pub fn status(&self) -> Vec<PoolStatus> {
+        let shared = self.shared();
         let now = Instant::now();
         let wall = SystemTime::now();
-        self.shared
+        shared
             .pools
             .iter()
             .map(|rt| {
@@ -364,7 +348,7 @@ impl HealthMonitor {
                 let nodes = (0..m.len())
                     .filter_map(|i| {
                         let health = m.node(i)?;
-                        let n = self.shared.nodes.get(rt.first + i)?;
+                        let n = shared.nodes.get(rt.first + i)?;
                         let since = wall
                             .checked_sub(now.saturating_duration_since(health.since()))
                             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
@@ -394,23 +378,27 @@ impl HealthMonitor {
     /// move of an active node, so the proxy or admin can react without
     /// polling.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.shared.changes.subscribe()
+        let shared = self.shared();
+        shared.changes.subscribe()
     }
 
     /// The index of the pool named `name`.
     pub fn pool_index(&self, name: &str) -> Option<usize> {
-        self.shared.pools.iter().position(|p| p.name == name)
+        let shared = self.shared();
+        shared.pools.iter().position(|p| p.name == name)
     }
 
     /// The global index of the node named `name`.
     pub fn node_index(&self, name: &str) -> Option<usize> {
-        self.shared.nodes.iter().position(|n| n.name == name)
+        let shared = self.shared();
+        shared.nodes.iter().position(|n| n.name == name)
     }
 
     /// The state of global node `node`.
     pub fn node_state(&self, node: usize) -> Option<NodeState> {
-        let n = self.shared.nodes.get(node)?;
-        let rt = self.shared.pools.get(n.pool)?;
+        let shared = self.shared();
+        let n = shared.nodes.get(node)?;
+        let rt = shared.pools.get(n.pool)?;
         let state = rt.machine.read().state(n.local);
         state
     }
@@ -418,7 +406,8 @@ impl HealthMonitor {
     /// Stops probing and any witness check in flight. Webhooks already
     /// fired still go out. Idempotent; also done on drop.
     pub fn shutdown(&self) {
-        self.shared.shutdown.send_replace(true);
+        let shared = self.shared();
+        shared.shutdown.send_replace(true);
         for task in self.tasks.lock().drain(..) {
             task.abort();
         }
@@ -429,6 +418,122 @@ impl Drop for HealthMonitor {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// The runtime state for `cfg`, without its probe tasks, with what
+/// `previous` knew carried over (see [`HealthMonitor::start_from`]).
+///
+/// # Panics
+/// Outside a tokio runtime.
+fn build(cfg: &Config, previous: Option<&Shared>, changes: watch::Sender<u64>) -> Arc<Shared> {
+    let now = Instant::now();
+    let runtime = tokio::runtime::Handle::current();
+    let mut pools = Vec::with_capacity(cfg.pools.len());
+    let mut nodes = Vec::new();
+    for (p, pool) in cfg.pools.iter().enumerate() {
+        let first = nodes.len();
+        for (local, node) in pool.nodes.iter().enumerate() {
+            nodes.push(NodeRt {
+                pool: p,
+                local,
+                name: node.name.clone(),
+                address: node.address_text.clone(),
+                identity: (node.address, node.transport),
+                prober: Arc::new(Prober::new(&pool.name, node, &pool.probe)),
+            });
+        }
+        let witnesses = pool
+            .probe
+            .witnesses
+            .iter()
+            .filter_map(|w| match HttpUrl::parse(w) {
+                Ok(u) => Some(u),
+                Err(e) => {
+                    tracing::error!(pool = %pool.name, error = %e, "bad witness URL ignored");
+                    None
+                }
+            })
+            .collect();
+        let mut machine = PoolMachine::from_config(pool, now);
+        if let Some(previous) = previous {
+            carry_over(
+                previous,
+                pool,
+                nodes.get(first..).unwrap_or_default(),
+                &mut machine,
+            );
+        }
+        pools.push(PoolRt {
+            name: pool.name.clone(),
+            first,
+            machine: RwLock::new(machine),
+            witnesses,
+            webhooks: pool.webhooks.clone(),
+            interval: pool.probe.interval,
+            timeout: pool.probe.timeout,
+        });
+    }
+    let (shutdown, _) = watch::channel(false);
+    Arc::new(Shared {
+        pools,
+        nodes,
+        changes,
+        shutdown,
+        runtime,
+        tls: Tls::new(None),
+    })
+}
+
+/// Copies into `machine` (for configured `pool`, whose nodes are `nodes`)
+/// what `old` knows about the same pool: the health of nodes with the same
+/// name and identity, and the active node (with a manual failover's pin)
+/// if it is still in the pool.
+fn carry_over(old: &Shared, pool: &sbc_config::Pool, nodes: &[NodeRt], machine: &mut PoolMachine) {
+    let Some(old_rt) = old.pools.iter().find(|p| p.name == pool.name) else {
+        return;
+    };
+    let previous = old_rt.machine.read();
+    let thresholds = crate::state::Thresholds::from(&pool.probe);
+    let old_nodes = old.nodes.get(old_rt.first..).unwrap_or_default();
+    for new in nodes {
+        let same = (0..previous.len()).find(|&j| {
+            old_nodes
+                .get(j)
+                .is_some_and(|o| o.name == new.name && o.identity == new.identity)
+        });
+        if let Some(health) = same.and_then(|j| previous.node(j)) {
+            machine.adopt(new.local, health.clone(), thresholds);
+        }
+    }
+    let active = previous.node_name(previous.active());
+    if let Some(i) = nodes.iter().position(|n| Some(n.name.as_str()) == active) {
+        machine.restore_active(i, previous.is_pinned());
+    }
+}
+
+/// Sets every node's state gauges and every pool's active-node gauges.
+fn publish_gauges(shared: &Shared) {
+    for rt in &shared.pools {
+        let m = rt.machine.read();
+        for i in 0..m.len() {
+            let node = shared.node_name(rt.first + i);
+            let current = m.state(i);
+            for state in NodeState::ALL {
+                let value = if Some(state) == current { 1.0 } else { 0.0 };
+                node_state_gauge(&rt.name, node, state).set(value);
+            }
+        }
+        set_active_gauges(shared, rt, &m);
+    }
+}
+
+fn spawn_probes(shared: &Arc<Shared>) -> Vec<JoinHandle<()>> {
+    (0..shared.nodes.len())
+        .map(|node| {
+            let shared = Arc::clone(shared);
+            shared.runtime.clone().spawn(probe_loop(shared, node))
+        })
+        .collect()
 }
 
 /// One node's probe loop: one probe per interval, never overlapping (the
@@ -642,6 +747,18 @@ impl Shared {
                         )
                         .increment(1);
                     }
+                }
+                WitnessOutcome::Requalified(transition) => {
+                    let node = m.node_name(m.active()).unwrap_or("?").to_string();
+                    tracing::info!(
+                        pool = %rt.name, node = %node,
+                        "a witness answers again: {node}'s down verdict was reached while the SBC was cut off, judging it afresh instead of failing over"
+                    );
+                    let update = Update {
+                        transition,
+                        ..Update::default()
+                    };
+                    shared.apply(pool, &mut m, update, "witness reachable again after isolation");
                 }
                 WitnessOutcome::NotNeeded => {}
             }

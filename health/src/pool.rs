@@ -147,6 +147,10 @@ pub enum WitnessOutcome {
     /// The check is moot: the active node recovered or the role moved
     /// meanwhile.
     NotNeeded,
+    /// A witness answers again after a check found none: the active node's Down verdict
+    /// was reached while the SBC was cut off, so it is withdrawn (the node is Suspect again)
+    /// instead of failing over on stale evidence. The transition, if the state changed.
+    Requalified(Option<(usize, Transition)>),
 }
 
 /// The pool-level settings of the machine.
@@ -192,6 +196,9 @@ pub struct PoolMachine {
     check: Check,
     /// The suppression last reported in this Down episode.
     reported: Option<Suppression>,
+    /// A witness check found nothing while the active node was Down: the SBC itself may
+    /// be cut off, so that Down verdict is not evidence against the node.
+    isolated: bool,
 }
 
 impl PoolMachine {
@@ -217,6 +224,7 @@ impl PoolMachine {
             pinned: false,
             check: Check::Idle,
             reported: None,
+            isolated: false,
         }
     }
 
@@ -347,7 +355,25 @@ impl PoolMachine {
         self.check = Check::Idle;
         if self.state(self.active) != Some(NodeState::Down) {
             self.reported = None;
+            self.isolated = false;
             return WitnessOutcome::NotNeeded;
+        }
+        if answered && self.isolated {
+            // The SBC reaches the world again. The active node went Down while it could not
+            // (both nodes usually did), and whichever node's probe answers first after the
+            // link returns would win a failover race. Judge the active node afresh instead.
+            self.isolated = false;
+            self.reported = None;
+            let active = self.active;
+            let t = self
+                .nodes
+                .get_mut(active)
+                .and_then(|n| n.requalify(now))
+                .map(|t| (active, t));
+            return WitnessOutcome::Requalified(t);
+        }
+        if !answered {
+            self.isolated = true;
         }
         let reason = match (answered, self.first_up_except(self.active)) {
             (true, Some(to)) => {
@@ -461,6 +487,7 @@ impl PoolMachine {
         };
         if active_state != NodeState::Down {
             self.reported = None;
+            self.isolated = false;
             if matches!(self.check, Check::RetryAt(_)) {
                 self.check = Check::Idle;
             }
@@ -679,13 +706,61 @@ mod tests {
                 first: false
             }
         );
-        // The path comes back: the next check succeeds.
+        // The path comes back: a witness answers, but the active node's Down verdict was
+        // reached while the SBC was cut off, so it is judged afresh instead of failed over.
         assert!(p.tick(t0 + S * 3).check_witnesses);
         assert!(matches!(
             p.witness_result(true, t0 + S * 3),
+            WitnessOutcome::Requalified(Some((0, t))) if t.to == NodeState::Suspect
+        ));
+        assert_eq!(p.active(), 0);
+        assert_eq!(p.state(0), Some(NodeState::Suspect));
+        // It really is dead: it has to miss `failures` fresh probes, then it fails over.
+        assert!(
+            !p.observe(0, Observation::probe(false), t0 + S * 4)
+                .check_witnesses
+        );
+        assert!(
+            p.observe(0, Observation::probe(false), t0 + S * 5)
+                .check_witnesses
+        );
+        assert!(matches!(
+            p.witness_result(true, t0 + S * 5),
             WitnessOutcome::Switched(_)
         ));
         assert_eq!(p.active(), 1);
+    }
+
+    #[test]
+    fn after_the_sbc_was_cut_off_the_first_node_back_does_not_win_a_failover() {
+        let (mut p, t0) = pool(2, Failback::Manual);
+        all_up(&mut p, t0);
+        // The SBC's own link goes down: every probe fails, both nodes go Down.
+        kill(&mut p, 1, t0 + S);
+        assert!(kill(&mut p, 0, t0 + S).check_witnesses);
+        assert!(matches!(
+            p.witness_result(false, t0 + S),
+            WitnessOutcome::Suppressed {
+                reason: Suppression::NoWitness,
+                ..
+            }
+        ));
+        // The link returns; the standby's probes happen to answer first.
+        let u = p.observe(1, Observation::probe(true), t0 + S * 2);
+        assert!(u.check_witnesses, "the retry is due");
+        p.observe(1, Observation::probe(true), t0 + S * 2);
+        assert_eq!(p.state(1), Some(NodeState::Up));
+        // The witness (the standby) answers; without the isolation rule this would fail
+        // over to it.
+        assert!(matches!(
+            p.witness_result(true, t0 + S * 2),
+            WitnessOutcome::Requalified(Some(_))
+        ));
+        // The primary answers its next probe: back Up, and it never lost the role.
+        p.observe(0, Observation::probe(true), t0 + S * 2 + S / 10);
+        assert_eq!(p.state(0), Some(NodeState::Up));
+        assert_eq!(p.active(), 0);
+        assert!(p.tick(t0 + S * 4).switch.is_none());
     }
 
     #[test]
@@ -741,23 +816,26 @@ mod tests {
                 first: true
             }
         );
-        // The path is back but the standby is still Down.
+        // The path is back (the standby answers a probe, still Down): the primary's verdict
+        // dates from the isolation, so it is judged afresh.
         assert!(
             p.observe(1, Observation::probe(true), t0 + S * 3)
                 .check_witnesses
         );
         assert!(matches!(
             p.witness_result(true, t0 + S * 3),
-            WitnessOutcome::Suppressed {
-                reason: Suppression::NoStandby,
-                ..
-            }
+            WitnessOutcome::Requalified(Some(_))
         ));
-        // The standby comes Up: checked at once, not a retry interval later.
-        let u = p.observe(1, Observation::probe(true), t0 + S * 3);
+        // The standby comes Up; the primary misses fresh probes and is Down again.
+        p.observe(1, Observation::probe(true), t0 + S * 3);
+        assert!(
+            !p.observe(0, Observation::probe(false), t0 + S * 4)
+                .check_witnesses
+        );
+        let u = p.observe(0, Observation::probe(false), t0 + S * 5);
         assert!(u.check_witnesses);
         assert!(matches!(
-            p.witness_result(true, t0 + S * 3),
+            p.witness_result(true, t0 + S * 5),
             WitnessOutcome::Switched(Switch { to: 1, .. })
         ));
     }

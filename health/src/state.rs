@@ -138,6 +138,9 @@ pub enum Reason {
     MaintenanceOn,
     /// An operator took the node out of maintenance.
     MaintenanceOff,
+    /// The node was judged Down while the SBC itself could reach nothing; now that it can
+    /// again, that verdict is withdrawn and the node must show its death afresh.
+    Requalified,
 }
 
 impl Reason {
@@ -149,6 +152,7 @@ impl Reason {
             Reason::TrafficFailed => "traffic_failed",
             Reason::MaintenanceOn => "maintenance_on",
             Reason::MaintenanceOff => "maintenance_off",
+            Reason::Requalified => "requalified",
         }
     }
 }
@@ -319,6 +323,29 @@ impl NodeHealth {
             from: before,
             to: self.health,
             reason,
+            at: now,
+        })
+    }
+
+    /// Withdraws a Down verdict that was reached while the SBC was cut off from everything (its
+    /// probes failed because of its own link, not the node): the node goes to Suspect with no
+    /// failures counted, so one answered probe brings it back Up and a real death has to be
+    /// shown again by `failures` fresh misses.
+    pub fn requalify(&mut self, now: Instant) -> Option<Transition> {
+        if self.health != NodeState::Down {
+            return None;
+        }
+        self.health = NodeState::Suspect;
+        self.failures = 0;
+        self.successes = 0;
+        if self.maintenance {
+            return None;
+        }
+        self.since = now;
+        Some(Transition {
+            from: NodeState::Down,
+            to: NodeState::Suspect,
+            reason: Reason::Requalified,
             at: now,
         })
     }
