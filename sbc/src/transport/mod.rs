@@ -63,7 +63,10 @@ use tokio::runtime::Handle;
 use tokio::task::AbortHandle;
 use tokio_rustls::TlsAcceptor;
 
-pub use tls::{client_tls, load_server_tls, TlsError};
+pub use tls::{
+    client_tls, load_certified_key, load_reloadable_server_tls, load_server_tls, ServerCert,
+    TlsError,
+};
 
 use stats::CloseReason;
 use stream::ConnTable;

@@ -7,7 +7,10 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use parking_lot::RwLock;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 /// Why TLS material could not be loaded.
@@ -79,6 +82,52 @@ pub fn load_server_tls(cert_pem: &Path, key_pem: &Path) -> Result<Arc<ServerConf
         .with_no_client_auth()
         .with_single_cert(certs, key)?;
     Ok(Arc::new(config))
+}
+
+/// A TLS listener's certificate and key, replaceable while the listener runs: a config
+/// reload renews the certificate without a restart. Each handshake asks for the current one,
+/// so new connections get the new certificate and established connections keep theirs.
+#[derive(Debug)]
+pub struct ServerCert {
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl ServerCert {
+    /// Serves `key` from the next handshake on.
+    pub fn replace(&self, key: Arc<CertifiedKey>) {
+        *self.current.write() = key;
+    }
+}
+
+impl ResolvesServerCert for ServerCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(&self.current.read()))
+    }
+}
+
+/// Reads a certificate chain and its key for [`ServerCert::replace`], refusing a key that
+/// does not match the leaf certificate (a half-done renewal), so a reload fails instead of
+/// every later handshake.
+pub fn load_certified_key(cert_pem: &Path, key_pem: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
+    let certs = read_certs(cert_pem)?;
+    let key = read_key(key_pem)?;
+    Ok(Arc::new(CertifiedKey::from_der(certs, key, &provider())?))
+}
+
+/// As [`load_server_tls`], with the certificate behind a [`ServerCert`] the caller keeps to
+/// renew it later.
+pub fn load_reloadable_server_tls(
+    cert_pem: &Path,
+    key_pem: &Path,
+) -> Result<(Arc<ServerConfig>, Arc<ServerCert>), TlsError> {
+    let cert = Arc::new(ServerCert {
+        current: RwLock::new(load_certified_key(cert_pem, key_pem)?),
+    });
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(cert.clone());
+    Ok((Arc::new(config), cert))
 }
 
 /// A client config trusting the Mozilla roots (webpki-roots) plus every certificate in the
