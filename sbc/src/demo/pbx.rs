@@ -1,7 +1,13 @@
 //! The built-in PBX: a registrar with digest authentication and a stateless proxy.
 //!
+//! The demo runs two of them, primary and standby, as the two nodes of one pool. Each keeps
+//! its own registrations in memory, like two PBXs without a shared database: after a failover
+//! the phones register again with the standby (as real phones do at their next refresh), and
+//! a restarted primary starts empty.
+//!
 //! It stands in for the real PBX behind the SBC, and does only what the SBC relies on a PBX
 //! doing:
+//! - answer the SBC's OPTIONS probes, which is how the SBC knows it is alive;
 //! - keep each binding's Path (RFC 3327), and reach a registered phone by sending the INVITE
 //!   back to the SBC with `Route: <path>`, because the phone's Contact is only reachable over
 //!   the flow the SBC holds;
@@ -23,6 +29,28 @@ use sbc_sip::message::{HeaderName, Message, Method};
 use sbc_sip::via::Via;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+/// What one PBX node handled, read by the script to tell which node served a step (the SBC
+/// picks the node; the script checks its choice against what the PBXs actually saw).
+#[derive(Default)]
+pub struct Counters {
+    /// REGISTERs accepted (200).
+    pub registered: AtomicU32,
+    /// Dialog-creating INVITEs proxied.
+    pub invites: AtomicU32,
+}
+
+impl Counters {
+    pub fn registered(&self) -> u32 {
+        self.registered.load(Ordering::Relaxed)
+    }
+
+    pub fn invites(&self) -> u32 {
+        self.invites.load(Ordering::Relaxed)
+    }
+}
 
 /// What the registrar keeps for one user.
 struct Binding {
@@ -40,6 +68,7 @@ pub struct Pbx {
     bindings: HashMap<String, Binding>,
     /// Nonces handed out, so an answer to a nonce we never issued is refused.
     nonces: HashSet<String>,
+    counters: Arc<Counters>,
 }
 
 impl Pbx {
@@ -48,6 +77,7 @@ impl Pbx {
         realm: &'static str,
         carrier_domain: &'static str,
         users: &[(&'static str, &'static str)],
+        counters: Arc<Counters>,
     ) -> Pbx {
         Pbx {
             peer,
@@ -56,6 +86,7 @@ impl Pbx {
             users: users.iter().copied().collect(),
             bindings: HashMap::new(),
             nonces: HashSet::new(),
+            counters,
         }
     }
 
@@ -69,7 +100,9 @@ impl Pbx {
                 self.on_response(&msg).await
             };
             if let Err(e) = r {
-                self.peer.tl.note(&format!("pbx: dropped a message: {e:#}"));
+                self.peer
+                    .tl
+                    .note(&format!("{}: dropped a message: {e:#}", self.peer.name));
             }
         }
     }
@@ -161,6 +194,7 @@ impl Pbx {
                 path: (!path.is_empty()).then(|| path.join(", ")),
             },
         );
+        self.counters.registered.fetch_add(1, Ordering::Relaxed);
         self.reply(msg, src, 200, "OK", &extra).await
     }
 
@@ -217,6 +251,18 @@ impl Pbx {
                 // An ACK we cannot route (it would answer a failure we sent) ends here.
                 return Ok(());
             }
+            if method == Method::Options {
+                // Addressed to us (the SBC's health probe): alive.
+                return self
+                    .reply(
+                        msg,
+                        src,
+                        200,
+                        "OK",
+                        "Allow: INVITE, ACK, BYE, CANCEL, OPTIONS, REGISTER\r\n",
+                    )
+                    .await;
+            }
             if msg.to_tag().is_some() {
                 return self
                     .reply(msg, src, 481, "Call/Transaction Does Not Exist", "")
@@ -265,6 +311,7 @@ impl Pbx {
             format_args!("Via: SIP/2.0/UDP {};branch={branch}\r\n", self.peer.addr),
         );
         if method == Method::Invite && msg.to_tag().is_none() {
+            self.counters.invites.fetch_add(1, Ordering::Relaxed);
             e.insert_fmt(
                 edit::top_insert_point(msg, HeaderName::RecordRoute),
                 format_args!("Record-Route: <sip:{};lr>\r\n", self.peer.addr),

@@ -5,6 +5,10 @@
 //! set from Record-Route (reversed on the caller's side, RFC 3261 12.1.2) and send ACK and BYE
 //! along it. They always send requests to the SBC, which is their outbound proxy (the phones')
 //! or their configured peer (the trunk's); responses go wherever the top Via says.
+//!
+//! Each has a real RTP socket whose address goes into its SDP, so that the media the script
+//! sends (see `rtp`) has somewhere to arrive; the SDP each one receives is parsed for the
+//! address to send its own media to, which is the SBC's relay, not the other phone.
 
 use super::digest::{Answer, Params};
 use super::wire::{lossy, response_dest, token, Peer};
@@ -13,6 +17,8 @@ use sbc_sip::addr::NameAddr;
 use sbc_sip::edit::{self, ResponseOpts};
 use sbc_sip::message::{HeaderName, Message, Method};
 use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::UdpSocket;
 
 /// One user agent.
 pub struct Ua {
@@ -21,8 +27,10 @@ pub struct Ua {
     pub user: &'static str,
     /// Domain of the address-of-record.
     pub domain: &'static str,
-    /// Fake RTP port written into SDP (the demo sends no media).
-    pub rtp_port: u16,
+    /// The RTP socket written into our SDP.
+    pub rtp: Arc<UdpSocket>,
+    /// Its bound address.
+    pub rtp_addr: SocketAddr,
 }
 
 /// One side's view of an established dialog (RFC 3261 12.1): everything needed to send a
@@ -40,6 +48,8 @@ pub struct Dialog {
     cseq: u32,
     /// Our To-tag when we are the callee (empty for the caller, whose tag is in `local`).
     local_tag: String,
+    /// Where the other side's SDP says to send media (with the SBC in between: its relay).
+    pub remote_media: SocketAddr,
 }
 
 /// What goes into one request.
@@ -72,6 +82,52 @@ fn contact_uri(m: &Message, what: &str) -> anyhow::Result<String> {
     Ok(lossy(na.uri_raw))
 }
 
+/// The audio address of an SDP body: the `c=` address (session or media level) and the port
+/// of the first `m=audio` line. Enough for the SDP the demo itself writes and the relay's
+/// rewrite of it; not a general SDP parser.
+pub fn sdp_audio(body: &[u8]) -> Option<SocketAddr> {
+    let text = std::str::from_utf8(body).ok()?;
+    let (mut session_ip, mut media_ip, mut port) = (None, None, None);
+    let (mut seen_m, mut in_audio) = (false, false);
+    for line in text.lines().map(str::trim_end) {
+        if let Some(m) = line.strip_prefix("m=") {
+            if port.is_some() {
+                break;
+            }
+            seen_m = true;
+            in_audio = m.starts_with("audio ");
+            if in_audio {
+                port = m.split(' ').nth(1)?.split('/').next()?.parse::<u16>().ok();
+            }
+        } else if let Some(c) = line.strip_prefix("c=IN IP4 ") {
+            let ip = c.split('/').next()?.trim().parse().ok();
+            if in_audio {
+                media_ip = ip;
+            } else if !seen_m {
+                session_ip = ip;
+            }
+        }
+    }
+    Some(SocketAddr::new(
+        media_ip.or(session_ip)?,
+        port.filter(|p| *p != 0)?,
+    ))
+}
+
+/// The media address of the SDP in `m`, or a named error: a call the demo cannot send media
+/// on is a failed step.
+fn remote_media(m: &Message, who: &str, what: &str) -> anyhow::Result<SocketAddr> {
+    if m.body().is_empty() {
+        bail!("{who}: the {what} carries no SDP");
+    }
+    sdp_audio(m.body()).with_context(|| {
+        format!(
+            "{who}: no IPv4 audio address in the SDP of the {what}: {:?}",
+            lossy(m.body())
+        )
+    })
+}
+
 fn record_routes(m: &Message) -> Vec<String> {
     m.values(HeaderName::RecordRoute)
         .map(|(_, v)| lossy(v))
@@ -88,10 +144,11 @@ impl Ua {
     }
 
     fn sdp(&self) -> String {
-        let ip = self.peer.addr.ip();
+        let ip = self.rtp_addr.ip();
         format!(
-            "v=0\r\no={} 1 1 IN IP4 {ip}\r\ns=sbc demo\r\nc=IN IP4 {ip}\r\nt=0 0\r\nm=audio {} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n",
-            self.user, self.rtp_port
+            "v=0\r\no={} 1 1 IN IP4 {ip}\r\ns=sbc demo\r\nc=IN IP4 {ip}\r\nt=0 0\r\nm=audio {} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=ptime:20\r\na=sendrecv\r\n",
+            self.user,
+            self.rtp_addr.port()
         )
     }
 
@@ -260,9 +317,7 @@ impl Ua {
                     && m.call_id() == call_id.as_bytes()
             })
             .await?;
-        if ok.body().is_empty() {
-            bail!("{}: the 200 OK carries no SDP answer", self.peer.name);
-        }
+        let media = remote_media(&ok, self.peer.name, "200 OK")?;
         let mut routes = record_routes(&ok);
         routes.reverse();
         let d = Dialog {
@@ -273,6 +328,7 @@ impl Ua {
             routes,
             cseq: 1,
             local_tag: String::new(),
+            remote_media: media,
         };
         self.send_in_dialog(&d, "ACK", 1, "route set = Record-Route reversed")
             .await?;
@@ -293,6 +349,7 @@ impl Ua {
                 self.peer.name
             );
         }
+        let media = remote_media(&invite, self.peer.name, "INVITE")?;
         let local_tag = token();
         let dialog = Dialog {
             call_id: lossy(invite.call_id()),
@@ -305,6 +362,7 @@ impl Ua {
             routes: record_routes(&invite),
             cseq: 0,
             local_tag,
+            remote_media: media,
         };
         Ok(Incoming {
             invite,
@@ -382,4 +440,22 @@ pub struct Incoming {
     pub invite: Message,
     src: SocketAddr,
     pub dialog: Dialog,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sdp_audio;
+
+    #[test]
+    fn sdp_audio_address() {
+        let session = b"v=0\r\no=a 1 1 IN IP4 10.0.0.1\r\ns=-\r\nc=IN IP4 10.0.0.2\r\nt=0 0\r\nm=audio 41000 RTP/AVP 0\r\n";
+        assert_eq!(sdp_audio(session), "10.0.0.2:41000".parse().ok());
+        let media_level = b"v=0\r\nc=IN IP4 10.0.0.2\r\nm=video 5000 RTP/AVP 96\r\nc=IN IP4 10.0.0.9\r\nm=audio 6000 RTP/AVP 0\r\nc=IN IP4 10.0.0.3\r\n";
+        assert_eq!(sdp_audio(media_level), "10.0.0.3:6000".parse().ok());
+        assert_eq!(
+            sdp_audio(b"v=0\r\nc=IN IP4 1.2.3.4\r\nm=audio 0 RTP/AVP 0\r\n"),
+            None
+        );
+        assert_eq!(sdp_audio(b"v=0\r\nm=audio 4000 RTP/AVP 0\r\n"), None);
+    }
 }

@@ -1,9 +1,11 @@
-//! The peers' side of the wire: UDP sockets whose every datagram is printed on one timeline.
+//! The peers' side of the wire: UDP sockets, and the one timeline everything is printed on.
 //!
-//! Each peer reads its socket on its own task and prints a line the moment a datagram arrives,
-//! rather than when the script gets round to looking at it: the timeline then shows when things
-//! really happened, in the order they happened, even though the script consumes messages in
-//! its own order.
+//! By default the timeline shows one line per step of the script; with `--verbose` it also
+//! shows every SIP message a peer sends or receives. Each peer reads its socket on its own task
+//! and prints a message the moment the datagram arrives, rather than when the script gets round
+//! to looking at it: the trace then shows when things really happened, in the order they
+//! happened, even though the script consumes messages in its own order. The SBC's OPTIONS
+//! probes are never traced: two nodes probed every 250 ms would drown everything else.
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
@@ -27,15 +29,18 @@ const NAME_W: usize = 7;
 /// The shared stdout narration.
 pub struct Timeline {
     start: Instant,
+    /// Print every SIP message, not only the steps.
+    verbose: bool,
     /// Held while a line is timed and printed, so that lines from concurrent peers come out
     /// in the order of their timestamps.
     lock: Mutex<()>,
 }
 
 impl Timeline {
-    pub fn new() -> Arc<Timeline> {
+    pub fn new(verbose: bool) -> Arc<Timeline> {
         Arc::new(Timeline {
             start: Instant::now(),
+            verbose,
             lock: Mutex::new(()),
         })
     }
@@ -44,8 +49,19 @@ impl Timeline {
         self.start.elapsed()
     }
 
-    /// One SIP message: `  0.012s   alice -> SBC      REGISTER sip:demo.pbx`.
+    /// One step of the script: `   0.412s  alice registered via pbx-a`.
+    pub fn step(&self, text: &str) {
+        let _g = self.lock.lock();
+        let t = self.start.elapsed().as_secs_f64();
+        out(format_args!("{t:>8.3}s  {text}"));
+    }
+
+    /// One SIP message (only with `--verbose`):
+    /// `   0.012s     alice -> SBC      REGISTER sip:demo.pbx`.
     pub fn message(&self, from: &str, to: &str, what: &str, note: &str) {
+        if !self.verbose {
+            return;
+        }
         let _g = self.lock.lock();
         let t = self.start.elapsed().as_secs_f64();
         let note = if note.is_empty() {
@@ -53,20 +69,36 @@ impl Timeline {
         } else {
             format!("  ({note})")
         };
-        println!("{t:>8.3}s  {from:>NAME_W$} -> {to:<NAME_W$}  {what}{note}");
+        out(format_args!(
+            "{t:>8.3}s      {from:>NAME_W$} -> {to:<NAME_W$}  {what}{note}"
+        ));
     }
 
-    /// A line of narration between messages, indented under the step.
+    /// A line of narration, indented under the step it explains.
     pub fn note(&self, text: &str) {
         let _g = self.lock.lock();
-        println!("{:>8}   {text}", "");
+        out(format_args!("{:>8}   {text}", ""));
+    }
+
+    /// A note that only `--verbose` shows (detail a first-time reader can skip).
+    pub fn detail(&self, text: &str) {
+        if self.verbose {
+            self.note(text);
+        }
     }
 
     /// An unindented line (headings, summary).
     pub fn say(&self, text: &str) {
         let _g = self.lock.lock();
-        println!("{text}");
+        out(format_args!("{text}"));
     }
+}
+
+/// Prints one line. A closed stdout (`sbc demo | head`) is not worth a panic: the demo runs
+/// to its end and exits with its own status.
+fn out(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
 }
 
 /// A message as it came off the wire, with its source address (needed for rport).
@@ -120,8 +152,10 @@ impl Peer {
     pub async fn send(&self, to: SocketAddr, bytes: Vec<u8>, note: &str) -> anyhow::Result<()> {
         let msg = Message::parse(Bytes::from(bytes))
             .with_context(|| format!("{}: built an unparseable message", self.name))?;
-        self.tl
-            .message(self.name, &self.label(to), &describe(&msg), note);
+        if !is_probe(&msg) {
+            self.tl
+                .message(self.name, &self.label(to), &describe(&msg), note);
+        }
         self.sock
             .send_to(msg.as_bytes(), to)
             .await
@@ -210,7 +244,9 @@ async fn read_loop(
         let data = Bytes::copy_from_slice(&buf[..n]);
         match Message::parse(data) {
             Ok(msg) => {
-                tl.message(&label, name, &describe(&msg), "");
+                if !is_probe(&msg) {
+                    tl.message(&label, name, &describe(&msg), "");
+                }
                 if tx.send((msg, from)).await.is_err() {
                     return;
                 }
@@ -218,6 +254,11 @@ async fn read_loop(
             Err(e) => tl.message(&label, name, &format!("unparseable datagram: {e}"), ""),
         }
     }
+}
+
+/// An OPTIONS request or its response: the SBC's health probes, kept out of the trace.
+fn is_probe(m: &Message) -> bool {
+    m.cseq_method() == Method::Options
 }
 
 pub fn lossy(b: &[u8]) -> String {
