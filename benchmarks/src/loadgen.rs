@@ -206,6 +206,8 @@ struct Op {
     cseq: u32,
     /// When the current transaction's request was first sent.
     txn_start: Instant,
+    /// When the operation's first request (INVITE or REGISTER) was first sent.
+    op_start: Instant,
     retx: Duration,
     /// Any response to the current transaction stops its retransmissions.
     answered: bool,
@@ -232,6 +234,7 @@ impl Op {
             user: 0,
             cseq: 0,
             txn_start: now,
+            op_start: now,
             retx: T1,
             answered: false,
             saw_100: false,
@@ -426,6 +429,36 @@ fn parse_hex(s: &[u8]) -> Option<u32> {
     Some(v)
 }
 
+/// One operation of a traced run ([`run_traced`], `sbc-loadgen --trace`): when it started,
+/// its setup latency, how it ended. For failover drills, which need to know *when* the
+/// failed or delayed operations started, not only how many there were.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TraceRecord {
+    /// Operation number (the schedule's index).
+    pub num: u64,
+    /// When its INVITE or REGISTER was first sent, in nanoseconds since the Unix epoch.
+    pub start_unix_ns: u128,
+    /// INVITE -> 200 (calls) or REGISTER -> 2xx, when that much happened; a call whose BYE
+    /// then failed keeps its setup latency.
+    pub setup_us: Option<u64>,
+    /// `ok`, or the failure cause as in the report (`timeout_invite`, `status_503`, ...).
+    pub outcome: String,
+}
+
+impl TraceRecord {
+    /// The CSV header of [`TraceRecord::csv_line`].
+    pub const CSV_HEADER: &'static str = "num,start_unix_ns,setup_us,outcome";
+
+    /// `num,start_unix_ns,setup_us,outcome` (setup empty when unknown).
+    pub fn csv_line(&self) -> String {
+        let setup = self.setup_us.map(|u| u.to_string()).unwrap_or_default();
+        format!(
+            "{},{},{setup},{}",
+            self.num, self.start_unix_ns, self.outcome
+        )
+    }
+}
+
 /// How an operation ended.
 enum Outcome {
     Success,
@@ -451,10 +484,23 @@ struct Engine {
     in_flight: u64,
     lat: Latencies,
     r: Report,
+    /// Per-operation records when tracing, and the clock pair that maps `Instant`s to
+    /// wall-clock time.
+    trace: Option<Vec<TraceRecord>>,
+    epoch: (Instant, std::time::SystemTime),
 }
 
 /// Runs one load test to completion and returns what it measured.
 pub fn run(cfg: Config) -> anyhow::Result<Report> {
+    run_inner(cfg, false).map(|(r, _)| r)
+}
+
+/// [`run`], also returning one [`TraceRecord`] per operation, in completion order.
+pub fn run_traced(cfg: Config) -> anyhow::Result<(Report, Vec<TraceRecord>)> {
+    run_inner(cfg, true)
+}
+
+fn run_inner(cfg: Config, trace: bool) -> anyhow::Result<(Report, Vec<TraceRecord>)> {
     cfg.validate()?;
     let mut socks = Vec::with_capacity(cfg.sockets);
     let mut locals = Vec::with_capacity(cfg.sockets);
@@ -487,6 +533,8 @@ pub fn run(cfg: Config) -> anyhow::Result<Report> {
         user_cseq: vec![0; cfg.users as usize],
         in_flight: 0,
         lat: Latencies::with_capacity(total.min(4_000_000) as usize),
+        trace: trace.then(|| Vec::with_capacity(total.min(4_000_000) as usize)),
+        epoch: (Instant::now(), std::time::SystemTime::now()),
         r: Report {
             scenario: cfg.scenario.as_str().to_string(),
             target: cfg.target.to_string(),
@@ -497,7 +545,8 @@ pub fn run(cfg: Config) -> anyhow::Result<Report> {
         cfg,
     };
     e.main_loop(total)?;
-    Ok(e.r)
+    let trace = e.trace.take().unwrap_or_default();
+    Ok((e.r, trace))
 }
 
 impl Engine {
@@ -669,6 +718,9 @@ impl Engine {
         let op = &mut self.ops[slot as usize];
         op.phase = phase;
         op.txn_start = now;
+        if matches!(phase, Phase::Invite | Phase::Register) {
+            op.op_start = now;
+        }
         op.retx = T1;
         op.answered = false;
         self.render_current(slot);
@@ -749,6 +801,22 @@ impl Engine {
             Outcome::Bad2xx => Some("bad_2xx".to_string()),
             Outcome::Abandoned => Some("abandoned".to_string()),
         };
+        if let Some(trace) = self.trace.as_mut() {
+            let (i0, w0) = self.epoch;
+            let wall = if op.op_start >= i0 {
+                w0 + op.op_start.duration_since(i0)
+            } else {
+                w0 - i0.duration_since(op.op_start)
+            };
+            trace.push(TraceRecord {
+                num: op.num,
+                start_unix_ns: wall
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos()),
+                setup_us: (op.setup_us > 0).then_some(op.setup_us),
+                outcome: cause.clone().unwrap_or_else(|| "ok".to_string()),
+            });
+        }
         if let Some(c) = cause {
             self.r.failed += 1;
             *self.r.failures.entry(c).or_insert(0) += 1;

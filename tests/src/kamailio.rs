@@ -78,6 +78,16 @@ impl KamailioPbx {
 
     /// Like [`KamailioPbx::start`] with a chosen registrar `path_mode`.
     pub fn start_with(port: u16, path_mode: PathMode) -> anyhow::Result<KamailioPbx> {
+        Self::start_template(port, PBX_CFG_TEMPLATE, path_mode)
+    }
+
+    /// Like [`KamailioPbx::start_with`] with another config template (same placeholders as
+    /// [`PBX_CFG_TEMPLATE`], e.g. that template with an extra route block).
+    pub fn start_template(
+        port: u16,
+        template: &str,
+        path_mode: PathMode,
+    ) -> anyhow::Result<KamailioPbx> {
         let binary = kamailio_binary()
             .ok_or_else(|| anyhow!("kamailio not found (scripts/install-deps.sh installs it)"))?;
         let mpath = module_dir()
@@ -90,7 +100,7 @@ impl KamailioPbx {
         if !mpath_str.ends_with('/') {
             mpath_str.push('/');
         }
-        let cfg = PBX_CFG_TEMPLATE
+        let cfg = template
             .replace("@PORT@", &port.to_string())
             .replace("@MPATH@", &mpath_str)
             .replace("@PATH_MODE@", &path_mode.as_param().to_string());
@@ -163,6 +173,27 @@ impl KamailioPbx {
             }
         }
         Err(last.unwrap_or_else(|| anyhow!("could not start kamailio")))
+    }
+
+    /// [`KamailioPbx::start_any_with`] with another config template (see
+    /// [`KamailioPbx::start_template`]).
+    pub fn start_any_template(template: &str, path_mode: PathMode) -> anyhow::Result<KamailioPbx> {
+        let mut last = None;
+        for _ in 0..3 {
+            let port = free_port()?;
+            match Self::start_template(port, template, path_mode) {
+                Ok(pbx) => return Ok(pbx),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow!("could not start kamailio")))
+    }
+
+    /// Sends `sig` (a kill(1) name: `STOP`, `CONT`, `KILL`...) to Kamailio's whole process
+    /// group (the main process and its workers), for failover drills: `STOP` freezes the
+    /// PBX (its sockets stay open and silently queue what arrives), `CONT` thaws it.
+    pub fn signal(&self, sig: &str) {
+        signal_group(self.child.id(), sig);
     }
 
     /// Address Kamailio listens on (UDP and TCP).
@@ -243,6 +274,8 @@ impl KamailioPbx {
 impl Drop for KamailioPbx {
     fn drop(&mut self) {
         let pgid = self.child.id();
+        // A frozen (SIGSTOP) Kamailio would not act on TERM.
+        signal_group(pgid, "CONT");
         signal_group(pgid, "TERM");
         let deadline = Instant::now() + Duration::from_secs(3);
         loop {

@@ -69,6 +69,11 @@ struct Args {
     /// Write the summary as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Also write one CSV line per operation to this file: `num,start_unix_ns,setup_us,
+    /// outcome` (when it started, INVITE->200 or REGISTER->2xx, `ok` or the failure cause),
+    /// for failover drills (benchmarks/failover-drill/).
+    #[arg(long)]
+    trace: Option<PathBuf>,
 }
 
 fn secs(v: f64, name: &str) -> anyhow::Result<Duration> {
@@ -123,8 +128,23 @@ fn run(a: Args) -> anyhow::Result<()> {
         tick: Duration::from_micros(a.tick_us),
         pids,
     };
-    let report = loadgen::run(cfg)?;
+    let (report, trace) = if a.trace.is_some() {
+        loadgen::run_traced(cfg)?
+    } else {
+        (loadgen::run(cfg)?, Vec::new())
+    };
     print!("{}", report.human());
+    if let Some(path) = a.trace {
+        let mut text = String::with_capacity(64 * (trace.len() + 1));
+        text.push_str(loadgen::TraceRecord::CSV_HEADER);
+        text.push('\n');
+        for t in &trace {
+            text.push_str(&t.csv_line());
+            text.push('\n');
+        }
+        std::fs::write(&path, text)
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    }
     if let Some(path) = a.json {
         std::fs::write(&path, report.json())
             .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
