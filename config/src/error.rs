@@ -36,14 +36,38 @@ impl ConfigError {
         message: impl Into<String>,
     ) -> ConfigError {
         let (line, column) = line_column(text, span.start);
+        let mut field = field.into();
+        if field.is_empty() {
+            // The key is the empty string (`[""]`, `"" = 1`): TOML's own spelling, so the
+            // error still names something an operator can find.
+            field.push_str("\"\"");
+        }
         ConfigError {
             file,
             line,
             column,
-            field: field.into(),
-            message: message.into(),
+            field: escape_controls(field),
+            message: escape_controls(message.into()),
         }
     }
+}
+
+/// Control characters (a newline from a `"\n"` escape in a value, a terminal escape sequence)
+/// written as Rust-style escapes. Messages quote what the file says, and an error must stay
+/// one line of plain text: a value could otherwise add forged lines to a log or CI output.
+fn escape_controls(text: String) -> String {
+    if !text.chars().any(char::is_control) {
+        return text;
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// 1-based line and column (in characters) of byte `offset` in `text`.
@@ -72,6 +96,30 @@ mod tests {
         // "bé" is 3 bytes; the "=" after it and a space is the 4th character.
         assert_eq!(line_column(text, 10), (2, 4));
         assert_eq!(line_column(text, 1000), (3, 1));
+    }
+
+    #[test]
+    fn control_characters_in_messages_are_escaped() {
+        // Found by fuzzing (fuzz/fuzz_targets/config.rs): a value with a "\n" escape made a
+        // two-line error.
+        let e = ConfigError::at(
+            PathBuf::from("sbc.toml"),
+            "a = 1\n",
+            0..1,
+            "listen[0].\u{1b}[31m",
+            "port \"5\n060\" is not a number",
+        );
+        assert_eq!(e.message, "port \"5\\n060\" is not a number");
+        assert_eq!(e.field, "listen[0].\\u{1b}[31m");
+        assert!(!e.to_string().chars().any(char::is_control));
+    }
+
+    #[test]
+    fn an_empty_key_is_named_as_written() {
+        // Found by fuzzing: `[""]` gave an error with an empty field.
+        let e = crate::parse("[\"\"]", std::path::Path::new("sbc.toml")).expect_err("bad");
+        assert_eq!(e.field, "\"\"", "{e}");
+        assert_eq!((e.line, e.column), (1, 2), "{e}");
     }
 
     #[test]

@@ -196,6 +196,10 @@ pub fn top_insert_point(msg: &Message, name: HeaderName) -> usize {
 }
 
 /// Replaces the whole body and its Content-Length (used when a body is rewritten).
+///
+/// A repeated Content-Length (accepted when the copies agree) is removed: left with the old
+/// value, it would contradict the new length, and a peer reading the other copy would cut
+/// the body short or, on a stream, take the start of the next message as body.
 pub fn replace_body(msg: &Message, body: &[u8], edits: &mut Edits) {
     let cl = msg
         .headers()
@@ -204,6 +208,9 @@ pub fn replace_body(msg: &Message, body: &[u8], edits: &mut Edits) {
         .collect::<SmallVec<[&Header; 2]>>();
     if let Some(first) = cl.first() {
         edits.replace(first.value.range(), body.len().to_string().as_bytes());
+        for repeated in &cl[1..] {
+            edits.delete(repeated.line.range());
+        }
     } else {
         edits.insert_fmt(
             msg.headers_end(),

@@ -395,6 +395,8 @@ impl Message {
 
     /// Parses and validates. For datagrams, bytes past Content-Length are ignored (RFC 3261
     /// 18.3; RFC 4475 "dblreq"); a Content-Length beyond the datagram is an error ("clerr").
+    /// Headers that end the datagram without a blank line are accepted, and the message then
+    /// holds a copy with the blank line added, so that what is spliced from it stays framed.
     pub fn parse_with(buf: Bytes, limits: &ParseLimits) -> Result<Message, ParseError> {
         // The header index is built in place: the inline SmallVec is ~560 bytes, and building
         // it elsewhere and moving it in cost two extra copies per parse.
@@ -414,7 +416,24 @@ impl Message {
             tags: None,
             buf,
         };
-        let info = index_into(&m.buf, limits, &mut m.headers)?;
+        let mut info = index_into(&m.buf, limits, &mut m.headers)?;
+        if info.headers_end == m.buf.len() {
+            // No blank line ends the headers (tolerated on datagrams: RFC 5118's archive and
+            // RFC 4475 "baddn" lack it). Everything built from this message by splicing would
+            // lack it too: a header added at the end would be glued to an unterminated last
+            // line, and a forwarded copy sent over TCP would swallow the next message on the
+            // stream as its own headers. So such a message is re-based, once, on a copy that
+            // ends its headers properly; well-formed messages never take this path.
+            let mut fixed = Vec::with_capacity(m.buf.len() + 4);
+            fixed.extend_from_slice(&m.buf);
+            if !fixed.ends_with(b"\n") {
+                fixed.extend_from_slice(b"\r\n");
+            }
+            fixed.extend_from_slice(b"\r\n");
+            m.buf = Bytes::from(fixed);
+            m.headers.clear();
+            info = index_into(&m.buf, limits, &mut m.headers)?;
+        }
         m.start = info.start.ok_or(info.start_err)?;
         m.headers_end = info.headers_end as u32;
         m.validate(info.body_start, limits)?;

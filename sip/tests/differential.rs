@@ -8,6 +8,12 @@
 //! typed views, the same edits, and no panic. Any behaviour change shows up here as a
 //! readable diff of two summaries.
 //!
+//! Two differences are intended, both found by fuzzing (`fuzz/`): headers that end the buffer
+//! without a blank line are given one by the new parser (spliced copies of such a message
+//! stayed unterminated and, forwarded over TCP, swallowed the next message), so the reference
+//! is fed the terminated buffer in that case; and `replace_body` removes a repeated
+//! Content-Length, so its output is compared only for messages with at most one.
+//!
 //! `DIFF_ITERS` sets the number of mutated messages (default 20 000; CI-friendly in debug).
 
 #![allow(dead_code, clippy::all)]
@@ -225,7 +231,7 @@ macro_rules! views {
 
 /// Everything observable about parsing and editing one buffer, as text.
 macro_rules! summary {
-    ($root:ident, $buf:expr) => {{
+    ($root:ident, $buf:expr, $parse_buf:expr) => {{
         use $root::edit::{self, Edits, ResponseOpts};
         use $root::message::{HeaderName, Message};
         let buf: &[u8] = $buf;
@@ -240,7 +246,7 @@ macro_rules! summary {
         for (_, v) in &lines {
             views!($root, &mut out, v);
         }
-        match Message::parse(Bytes::copy_from_slice(buf)) {
+        match Message::parse(Bytes::copy_from_slice($parse_buf)) {
             Err(e) => {
                 let _ = writeln!(
                     out,
@@ -341,9 +347,13 @@ macro_rules! summary {
                     );
                     let _ = writeln!(out, "resp {r:?}");
                 }
-                let mut e = Edits::new();
-                edit::replace_body(&m, b"hello", &mut e);
-                let _ = writeln!(out, "body {:?}", e.apply(m.as_bytes()));
+                // A repeated Content-Length is now removed by replace_body (found by
+                // fuzzing); the reference left the copy with the old value.
+                if m.headers_named(HeaderName::ContentLength).count() <= 1 {
+                    let mut e = Edits::new();
+                    edit::replace_body(&m, b"hello", &mut e);
+                    let _ = writeln!(out, "body {:?}", e.apply(m.as_bytes()));
+                }
             }
         }
         out
@@ -351,11 +361,25 @@ macro_rules! summary {
 }
 
 fn new_summary(buf: &[u8]) -> String {
-    summary!(sbc_sip, buf)
+    summary!(sbc_sip, buf, buf)
 }
 
 fn old_summary(buf: &[u8]) -> String {
-    summary!(reference, buf)
+    summary!(reference, buf, &terminated(buf))
+}
+
+/// `buf` as the new parser indexes it: with a blank line after headers that end the buffer.
+fn terminated(buf: &[u8]) -> Vec<u8> {
+    let mut out = buf.to_vec();
+    let unterminated = message::index(buf, &message::ParseLimits::default())
+        .is_ok_and(|raw| raw.headers_end == buf.len());
+    if unterminated {
+        if !out.ends_with(b"\n") {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    out
 }
 
 fn first_diff(a: &str, b: &str) -> String {
