@@ -293,6 +293,14 @@ impl<'a> Sdp<'a> {
             let value_start = start + 2;
             match content[0] {
                 b'o' => {
+                    // RFC 4566 5.2: exactly one o= per session. A second one is malformed, and
+                    // rewriting it against the first one's spans would be meaningless.
+                    if sdp.origin.is_some() {
+                        return Err(SdpError::Malformed {
+                            line: lineno,
+                            what: "a second o= line",
+                        });
+                    }
                     sdp.origin = Some(parse_origin(src, value_start, end, lineno)?);
                     line.kind = LineKind::Origin;
                 }
@@ -496,7 +504,16 @@ impl<'a> Sdp<'a> {
                 LineKind::Keep => out.extend_from_slice(&src[line.start..line.end]),
                 LineKind::Ice => continue,
                 LineKind::Origin => {
-                    let Some(o) = &self.origin else {
+                    // The spans must lie in this line, in order; anything else is copied as it
+                    // is rather than sliced out of order (a bug here must never panic the SIP
+                    // path).
+                    let Some(o) = self.origin.as_ref().filter(|o| {
+                        line.start <= o.version_span.start
+                            && o.version_span.start <= o.version_span.end
+                            && o.version_span.end <= o.addr_span.start
+                            && o.addr_span.start <= o.addr_span.end
+                            && o.addr_span.end <= line.end
+                    }) else {
                         out.extend_from_slice(&src[line.start..line.end]);
                         continue;
                     };
@@ -822,6 +839,22 @@ pub fn static_clock_rate(pt: u8) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the sdp_rewrite fuzz target: a second o= line was rewritten with the first
+    /// one's spans, slicing out of order and panicking the thread that called the relay (the
+    /// SBC's UDP receive thread). It is refused now, and rewrite never slices out of order.
+    #[test]
+    fn a_second_origin_line_is_refused_not_a_panic() {
+        let sdp = b"v=0\r\no=- 1 1 IN IP4 192.0.2.10\r\ns=-\r\nc=IN IP4 192.0.2.10\r\nt=0 0\r\n\
+o=x 2 2 IN IP4 198.51.100.200\r\nm=audio 4000 RTP/AVP 0\r\n";
+        assert!(matches!(
+            Sdp::parse(sdp),
+            Err(SdpError::Malformed {
+                line: 6,
+                what: "a second o= line"
+            })
+        ));
+    }
 
     const OFFER: &str = "v=0\r\n\
 o=alice 2890844526 2890844526 IN IP4 192.0.2.10\r\n\

@@ -2,8 +2,10 @@
 //!
 //! Each worker owns whole calls: their sockets are registered in the worker's own epoll
 //! instance and their per-stream state lives in the worker's slab, so the packet path takes no
-//! lock and shares no cache line with another forwarding thread. A ready socket is drained with
-//! recvmmsg; everything accepted from one batch leaves through the partner socket in one
+//! lock and shares no cache line with another forwarding thread. Sockets are registered
+//! edge-triggered; a ready socket is drained with recvmmsg (a socket still holding packets
+//! after its fair share of rounds goes on a pending list, served on the next turn without
+//! sleeping); everything accepted from one batch leaves through the partner socket in one
 //! sendmmsg (all of a socket's packets go to the same destination). The control side talks to
 //! a worker through a command queue and an eventfd doorbell; counters go the other way through
 //! single-writer atomics.
@@ -20,14 +22,16 @@ use smallvec::SmallVec;
 
 use crate::relay::{CallKey, Shared};
 use crate::stats::{bump, RtpEstimator, StreamCounters};
-use crate::sys::{monotonic_ns, Batch, Epoll, EventFd, RawAddr, BATCH};
+use crate::sys::{monotonic_ns, set_timer_slack, Batch, Epoll, EventFd, RawAddr, BATCH};
 
 const WAKE_TOKEN: u64 = u64::MAX;
 const NO_PARTNER: u32 = u32::MAX;
-/// recvmmsg rounds per ready socket before the others get a turn (level-triggered epoll
-/// brings it back if more is waiting).
+/// recvmmsg rounds per ready socket before the others get a turn (the socket then goes on
+/// the pending list and is served again on the next turn).
 const ROUNDS_PER_EVENT: usize = 4;
 const EVENTS: usize = 256;
+/// Sockets found ready in one pass for the worker to switch to polling (see `run`).
+const COALESCE_MIN_READY: usize = 8;
 
 /// Identifies one socket of a call: media line, leg (0 = first offerer), RTP or RTCP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -261,7 +265,15 @@ pub(crate) struct Worker {
     free: Vec<u32>,
     calls: AHashMap<u64, WorkerCall>,
     batch: Box<Batch>,
+    /// Sockets that may still hold packets: their edge was consumed but they were not read
+    /// empty (fair-share limit or a receive error). Served on the next turn, which then does
+    /// not sleep.
+    pending: Vec<u64>,
+    /// The previous turn's `pending`, being served (kept to reuse its allocation).
+    serving: Vec<u64>,
     relatch_ns: u64,
+    /// `RelayConfig::coalesce`.
+    coalesce: std::time::Duration,
     sweep_every_ns: u64,
     next_sweep_ns: u64,
 }
@@ -285,6 +297,7 @@ impl Worker {
         let sweep_every_ns = (shortest / 8).clamp(5_000_000, 1_000_000_000);
         Ok(Worker {
             relatch_ns: cfg.relatch_after.as_nanos() as u64,
+            coalesce: cfg.coalesce.min(std::time::Duration::from_millis(5)),
             shared,
             queue,
             wake,
@@ -294,6 +307,8 @@ impl Worker {
             free: Vec::new(),
             calls: AHashMap::default(),
             batch: Batch::new(),
+            pending: Vec::new(),
+            serving: Vec::new(),
             sweep_every_ns,
             next_sweep_ns: monotonic_ns() + sweep_every_ns,
         })
@@ -302,9 +317,17 @@ impl Worker {
     /// The thread body: wait, forward, apply commands, sweep timeouts, until shut down.
     pub fn run(mut self) {
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS];
+        if !self.coalesce.is_zero() {
+            // The coalescing sleep should last what it says, not up to 50 us more.
+            set_timer_slack(5_000);
+        }
         loop {
             let now = monotonic_ns();
-            let wait_ms = (self.next_sweep_ns.saturating_sub(now)).div_ceil(1_000_000) as i32;
+            let wait_ms = if self.pending.is_empty() {
+                (self.next_sweep_ns.saturating_sub(now)).div_ceil(1_000_000) as i32
+            } else {
+                0
+            };
             let n = match self.epoll.wait(&mut events, wait_ms) {
                 Ok(n) => n,
                 Err(e) => {
@@ -324,20 +347,48 @@ impl Worker {
                     }
                 }
             }
+            std::mem::swap(&mut self.pending, &mut self.serving);
             for ev in &events[..n] {
-                if ev.u64 != WAKE_TOKEN {
-                    self.on_readable(ev.u64, now);
+                if ev.u64 != WAKE_TOKEN && self.on_readable(ev.u64, now) {
+                    self.pending.push(ev.u64);
                 }
             }
+            // A token both reported and pending is read twice; the second read finds the
+            // socket empty, which is cheaper than deduplicating.
+            let mut serving = std::mem::take(&mut self.serving);
+            for &token in &serving {
+                if self.on_readable(token, now) {
+                    self.pending.push(token);
+                }
+            }
+            serving.clear();
+            self.serving = serving;
             if now >= self.next_sweep_ns {
                 self.sweep(now);
                 self.next_sweep_ns = now + self.sweep_every_ns;
+            }
+            // Interrupt moderation (RelayConfig::coalesce), as NAPI does it: once a pass
+            // finds several sockets ready, traffic is dense enough that sleeping a little and
+            // then looking again without being woken (one timer expiry for many packets) beats
+            // a wake-up (context switch and cross-core interrupt) per packet; polling goes on
+            // while each look finds that many, and ends when one finds fewer: then the next
+            // packet wakes us again. Sparse traffic is never charged an extra timer wake-up.
+            // No sleep when the event buffer was full or sockets are pending: there is more
+            // work right now.
+            let ready = events[..n].iter().filter(|ev| ev.u64 != WAKE_TOKEN).count();
+            if !self.coalesce.is_zero()
+                && ready >= COALESCE_MIN_READY
+                && n < EVENTS
+                && self.pending.is_empty()
+            {
+                std::thread::sleep(self.coalesce);
             }
         }
     }
 
     /// The hot path: drain one socket, latch, count, forward in one sendmmsg per batch.
-    fn on_readable(&mut self, token: u64, now: u64) {
+    /// Returns true when the socket may still hold packets (it gets no new edge for those).
+    fn on_readable(&mut self, token: u64, now: u64) -> bool {
         let idx = (token & 0xffff_ffff) as usize;
         let gen = (token >> 32) as u32;
         let Worker {
@@ -350,19 +401,20 @@ impl Worker {
         let relatch_ns = *relatch_ns;
         match slab.get(idx) {
             Some(s) if s.gen == gen && s.ep.is_some() => {}
-            _ => return, // event for a socket removed earlier in this round
+            _ => return false, // event for a socket removed earlier in this round
         }
         for _ in 0..ROUNDS_PER_EVENT {
             let Some(ep) = slab[idx].ep.as_mut() else {
-                return;
+                return false;
             };
             let n = match batch.recv(ep.fd) {
-                Ok(0) => return,
+                Ok(0) => return false,
                 Ok(n) => n,
                 Err(e) => {
-                    // ICMP errors from earlier sends surface here; nothing to do but go on.
+                    // ICMP errors from earlier sends surface here; packets may be queued
+                    // behind the error, so come back to the socket on the next turn.
                     tracing::trace!(error = %e, "recvmmsg");
-                    return;
+                    return true;
                 }
             };
             let mut accepted = [0u8; BATCH];
@@ -414,13 +466,13 @@ impl Worker {
                 let target = slab
                     .get(partner as usize)
                     .and_then(|s| s.ep.as_ref())
-                    .and_then(|p| p.dest.map(|d| (p.fd, d)));
+                    .and_then(|p| p.dest.as_ref().map(|d| (p.fd, d)));
                 match target {
                     Some((fd, dest)) => {
                         for (slot, &i) in accepted[..count].iter().enumerate() {
                             batch.queue(slot, usize::from(i));
                         }
-                        (sent, failed) = batch.send(fd, count, &dest);
+                        (sent, failed) = batch.send(fd, count, dest);
                         // Bytes of failed sends are not told apart; they are rare.
                         sent_bytes = if failed == 0 {
                             bytes
@@ -446,9 +498,11 @@ impl Worker {
             bump(&totals.bytes, sent_bytes);
             bump(&totals.dropped, dropped);
             if n < BATCH {
-                return;
+                // Read empty; a packet arriving from now on raises a new edge.
+                return false;
             }
         }
+        true
     }
 
     /// Applies one command; false means shut down.
@@ -513,7 +567,10 @@ impl Worker {
             self.free.push(idx);
             return Err(ne.release);
         };
-        if let Err(e) = self.epoll.add(fd, (u64::from(gen) << 32) | u64::from(idx)) {
+        if let Err(e) = self
+            .epoll
+            .add_edge(fd, (u64::from(gen) << 32) | u64::from(idx))
+        {
             tracing::error!(error = %e, "epoll_ctl ADD failed; stream not relayed");
             self.free.push(idx);
             return Err(ne.release);
