@@ -21,5 +21,8 @@ cargo fmt --all -- --check
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
+echo "==> grafana dashboard check"
+python3 packaging/grafana/check_dashboard.py
+
 echo "==> cargo test"
 cargo test --workspace

@@ -9,8 +9,10 @@
 //! deadline, and only ever sends to loopback addresses (see [`net::ensure_loopback`]): these
 //! tools run on shared machines where stray traffic is not acceptable.
 
+pub mod bencode;
 pub mod cpu;
 pub mod loadgen;
+pub mod media;
 pub mod net;
 pub mod report;
 pub mod rx;

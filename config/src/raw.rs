@@ -39,6 +39,8 @@ pub(crate) struct RawConfig {
     pub admin: RawAdmin,
     #[serde(default)]
     pub media: RawMedia,
+    #[serde(default)]
+    pub ratelimit: RawRateLimit,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -70,6 +72,7 @@ pub(crate) struct RawLimits {
     pub tls_handshake_timeout_ms: Option<Int>,
     pub max_connections: Option<Int>,
     pub max_connections_per_source: Option<Int>,
+    pub max_transactions_per_source: Option<Int>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -88,6 +91,7 @@ pub(crate) struct RawPool {
     pub failback: Option<Text>,
     pub failback_hold_secs: Option<Int>,
     pub branch_timeout_ms: Option<Int>,
+    pub suspect_after_ms: Option<Int>,
     pub probe: Option<RawProbe>,
     #[serde(default)]
     pub node: Vec<RawNode>,
@@ -180,4 +184,23 @@ pub(crate) struct RawMedia {
 pub(crate) struct RawMediaSide {
     pub address: Option<Text>,
     pub advertise: Option<Text>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRateLimit {
+    pub enabled: Option<Bool>,
+    pub register_rate: Option<Int>,
+    pub register_burst: Option<Int>,
+    pub invite_rate: Option<Int>,
+    pub invite_burst: Option<Int>,
+    pub options_rate: Option<Int>,
+    pub options_burst: Option<Int>,
+    pub block_after: Option<Int>,
+    pub block_secs: Option<Int>,
+    pub max_sources: Option<Int>,
+    pub exempt_trunks: Option<Bool>,
+    pub exempt_nodes: Option<Bool>,
+    pub drop_scanners: Option<Bool>,
+    pub scanner_agents: Option<TextList>,
 }

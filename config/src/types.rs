@@ -37,6 +37,8 @@ pub struct Config {
     pub admin: Admin,
     /// Media anchoring: where the RTP relay binds and what it advertises (`[media]`).
     pub media: Media,
+    /// Per-source request rate limits, blocking and scanner filtering (`[ratelimit]`).
+    pub ratelimit: RateLimit,
     /// Absolute path of the file this was loaded from, so a reload (SIGHUP)
     /// re-reads the same file whatever the working directory is by then.
     pub source: PathBuf,
@@ -245,7 +247,7 @@ pub struct Limits {
     /// Most header fields in one message (8..=1024, default 128).
     pub max_headers: usize,
     /// Most `Via` entries in one message, bounding loops and amplification
-    /// (2..=256, default 32).
+    /// (2..=256, default 70: RFC 4475 "longreq" carries 34 and must pass).
     pub max_via: usize,
     /// A TCP/TLS connection without traffic for this long is closed
     /// (10 s..=86400 s, default 300 s).
@@ -261,6 +263,13 @@ pub struct Limits {
     /// Most simultaneous TCP/TLS connections from one source IP
     /// (1..=max_connections, default 256).
     pub max_connections_per_source: usize,
+    /// Most server transactions in flight from one source IP
+    /// (1..=1000000, default 1000); a new request past it is answered 503
+    /// with Retry-After. Bounds the memory one source can pin in the
+    /// transaction table (each entry lives until its timers end, up to
+    /// 32 s after the final response on UDP). Sources that `[ratelimit]`
+    /// exempts (trunks and PBX nodes by default) are not counted.
+    pub max_transactions_per_source: usize,
 }
 
 impl Default for Limits {
@@ -274,6 +283,107 @@ impl Default for Limits {
             tls_handshake_timeout: Duration::from_millis(5000),
             max_connections: 10000,
             max_connections_per_source: 256,
+            max_transactions_per_source: 1000,
+        }
+    }
+}
+
+/// A token bucket: a sustained rate and how far a source may run ahead of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Requests per second allowed on average (1..=100000).
+    pub per_second: u32,
+    /// Requests allowed at once after a quiet spell (1..=100000); a phone
+    /// that boots registers, subscribes and probes in a burst.
+    pub burst: u32,
+}
+
+/// User-Agent substrings of well-known SIP scanners, matched
+/// case-insensitively; the default of `[ratelimit] scanner_agents`.
+///
+/// These tools probe every reachable SIP port for open relays and weak
+/// passwords; answering them only confirms that a SIP server is there.
+pub const DEFAULT_SCANNER_AGENTS: [&str; 12] = [
+    "friendly-scanner",
+    "sipvicious",
+    "sipcli",
+    "vaxsipuseragent",
+    "sundayddr",
+    "iwar",
+    "sip-scan",
+    "sipscan",
+    "sipsak",
+    "smap",
+    "pplsip",
+    "siparmyknife",
+];
+
+/// Per-source rate limiting of the requests attackers repeat (REGISTER for
+/// password guessing, INVITE for toll fraud, OPTIONS for scanning), so one
+/// source cannot crowd out the others or flood the PBX behind the SBC.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimit {
+    /// Whether rate limits and scanner filtering apply at all (default true).
+    pub enabled: bool,
+    /// REGISTER per source (default 20/s, burst 100: an office of phones
+    /// behind one NAT address re-registers in waves).
+    pub register: Rate,
+    /// INVITE per source (default 10/s, burst 50).
+    pub invite: Rate,
+    /// OPTIONS per source (default 20/s, burst 100).
+    pub options: Rate,
+    /// Requests refused with 503 after which a source that keeps going is
+    /// blocked (1..=100000, default 10): a client that honours Retry-After
+    /// never gets there, a flooder does at once.
+    pub block_after: u32,
+    /// How long a blocked source's requests are dropped without an answer
+    /// (1 s..=86400 s, default 300 s).
+    pub block_time: Duration,
+    /// Most sources tracked at once (1024..=10000000, default 65536); the
+    /// least recently seen are forgotten first, so memory stays bounded
+    /// whatever the number of addresses an attacker sends from. IPv6
+    /// sources are tracked per /64, the block a single host usually holds.
+    pub max_sources: usize,
+    /// Trunk sources are not limited (default true): a carrier's traffic is
+    /// the business, and its addresses are configured.
+    pub exempt_trunks: bool,
+    /// PBX nodes are not limited (default true): they send on behalf of
+    /// every phone.
+    pub exempt_nodes: bool,
+    /// Requests whose User-Agent contains one of [`RateLimit::scanner_agents`]
+    /// are dropped without an answer (default true).
+    pub drop_scanners: bool,
+    /// Lower-cased User-Agent substrings that mark a scanner (default
+    /// [`DEFAULT_SCANNER_AGENTS`]); never empty strings.
+    pub scanner_agents: Vec<String>,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        RateLimit {
+            enabled: true,
+            register: Rate {
+                per_second: 20,
+                burst: 100,
+            },
+            invite: Rate {
+                per_second: 10,
+                burst: 50,
+            },
+            options: Rate {
+                per_second: 20,
+                burst: 100,
+            },
+            block_after: 10,
+            block_time: Duration::from_secs(300),
+            max_sources: 65536,
+            exempt_trunks: true,
+            exempt_nodes: true,
+            drop_scanners: true,
+            scanner_agents: DEFAULT_SCANNER_AGENTS
+                .iter()
+                .map(|s| (*s).to_string())
+                .collect(),
         }
     }
 }
@@ -330,6 +440,14 @@ pub struct Pool {
     /// milliseconds, so this is far below Timer B and callers barely notice
     /// a dead node while probes are still counting.
     pub branch_timeout: Duration,
+    /// A new INVITE or REGISTER that has had no response at all (not even
+    /// 100 Trying, which RFC 3261 wants within 200 ms) from a node for this
+    /// long makes the node Suspect, so the calls behind it go to the next
+    /// ready node first, while this one still waits out its branch timeout
+    /// (`suspect_after_ms`, 0 = off, below `branch_timeout_ms`, default
+    /// 250 ms). It counts no failure: only probes and real failures bring a
+    /// node Down.
+    pub suspect_after: Option<Duration>,
     /// How the pool's nodes are probed (`[pool.probe]`).
     pub probe: Probe,
     /// HTTP requests fired on failover and failback (`[[pool.webhook]]`),

@@ -3,7 +3,7 @@
 //! the offending key.
 //!
 //! Checks run in file-schema order (general, listen, limits, timers, pool,
-//! trunk, phones, admin) and stop at the first error.
+//! trunk, phones, admin, media, ratelimit) and stop at the first error.
 
 use std::net::{IpAddr, SocketAddr};
 use std::ops::{Range, RangeInclusive};
@@ -16,13 +16,14 @@ use crate::error::ConfigError;
 use crate::locate::Index;
 use crate::net::{self, Host};
 use crate::raw::{
-    Int, RawAdmin, RawConfig, RawGeneral, RawLimits, RawListener, RawMedia, RawMediaSide, RawNode,
-    RawPhones, RawPool, RawProbe, RawTimers, RawTrunk, RawWebhook, Text, TextList,
+    Bool, Int, RawAdmin, RawConfig, RawGeneral, RawLimits, RawListener, RawMedia, RawMediaSide,
+    RawNode, RawPhones, RawPool, RawProbe, RawRateLimit, RawTimers, RawTrunk, RawWebhook, Text,
+    TextList,
 };
 use crate::types::{
     next_placeholder, Admin, Advertise, Config, Failback, General, HttpUrl, Limits, Listener,
-    Media, MediaSide, Node, Phones, Pool, Probe, Side, Timers, Transport, Trunk, Webhook,
-    WebhookEvent, TEMPLATE_PLACEHOLDERS,
+    Media, MediaSide, Node, Phones, Pool, Probe, Rate, RateLimit, Side, Timers, Transport, Trunk,
+    Webhook, WebhookEvent, TEMPLATE_PLACEHOLDERS,
 };
 
 /// Minimum length of `general.secret` and `admin.token`: shorter keys are
@@ -59,6 +60,7 @@ pub(crate) fn build(
     let phones = cx.phones(&raw.phones, &pools)?;
     let admin = cx.admin(&raw.admin)?;
     let media = cx.media(&raw.media, &listen)?;
+    let ratelimit = cx.ratelimit(&raw.ratelimit)?;
     Ok(Config {
         general,
         listen,
@@ -69,6 +71,7 @@ pub(crate) fn build(
         phones,
         admin,
         media,
+        ratelimit,
         source: absolute(origin),
     })
 }
@@ -456,6 +459,13 @@ impl Ctx<'_> {
             )?,
             max_connections,
             max_connections_per_source,
+            max_transactions_per_source: int(
+                &raw.max_transactions_per_source,
+                "max_transactions_per_source",
+                1..=1_000_000,
+                d.max_transactions_per_source,
+                "",
+            )?,
         })
     }
 
@@ -588,6 +598,19 @@ impl Ctx<'_> {
                 1000,
                 "milliseconds",
             )?;
+            let suspect_after = self
+                .int(
+                    p.suspect_after_ms.as_ref(),
+                    &format!("{path}.suspect_after_ms"),
+                    0..=i64::try_from(branch_timeout.saturating_sub(1)).unwrap_or(0),
+                    250.min(branch_timeout.saturating_sub(1)),
+                    "milliseconds",
+                )
+                .map_err(|mut e| {
+                    e.message
+                        .push_str(" (suspect_after_ms must stay below branch_timeout_ms)");
+                    e
+                })?;
             let probe = self.probe(p.probe.as_ref(), &format!("{path}.probe"))?;
             let webhooks = p
                 .webhook
@@ -601,6 +624,7 @@ impl Ctx<'_> {
                 failback,
                 failback_hold: Duration::from_secs(failback_hold),
                 branch_timeout: Duration::from_millis(branch_timeout),
+                suspect_after: (suspect_after > 0).then(|| Duration::from_millis(suspect_after)),
                 probe,
                 webhooks,
             });
@@ -1254,6 +1278,112 @@ impl Ctx<'_> {
             }
         };
         Ok(MediaSide { address, advertise })
+    }
+}
+
+impl Ctx<'_> {
+    fn ratelimit(&self, raw: &RawRateLimit) -> Result<RateLimit, ConfigError> {
+        let d = RateLimit::default();
+        let flag = |v: &Option<Bool>, default: bool| v.as_ref().map_or(default, |b| *b.get_ref());
+        let count = |v: &Option<Int>, key: &str, range: RangeInclusive<i64>, default: u32, unit| {
+            self.int(
+                v.as_ref(),
+                &format!("ratelimit.{key}"),
+                range,
+                u64::from(default),
+                unit,
+            )
+            .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+        };
+        let rate = |per: &Option<Int>, burst: &Option<Int>, method: &str, default: Rate| {
+            Ok::<Rate, ConfigError>(Rate {
+                per_second: count(
+                    per,
+                    &format!("{method}_rate"),
+                    1..=100_000,
+                    default.per_second,
+                    "requests per second",
+                )?,
+                burst: count(
+                    burst,
+                    &format!("{method}_burst"),
+                    1..=100_000,
+                    default.burst,
+                    "requests",
+                )?,
+            })
+        };
+        let register = rate(
+            &raw.register_rate,
+            &raw.register_burst,
+            "register",
+            d.register,
+        )?;
+        let invite = rate(&raw.invite_rate, &raw.invite_burst, "invite", d.invite)?;
+        let options = rate(&raw.options_rate, &raw.options_burst, "options", d.options)?;
+        let block_after = count(
+            &raw.block_after,
+            "block_after",
+            1..=100_000,
+            d.block_after,
+            "",
+        )?;
+        let block_secs = self.int(
+            raw.block_secs.as_ref(),
+            "ratelimit.block_secs",
+            1..=86_400,
+            d.block_time.as_secs(),
+            "seconds",
+        )?;
+        let max_sources = self.int(
+            raw.max_sources.as_ref(),
+            "ratelimit.max_sources",
+            1024..=10_000_000,
+            to_u64(d.max_sources),
+            "",
+        )?;
+        let scanner_agents = match &raw.scanner_agents {
+            None => d.scanner_agents,
+            Some(list) => {
+                let mut out: Vec<String> = Vec::with_capacity(list.get_ref().len());
+                for (k, agent) in list.get_ref().iter().enumerate() {
+                    let field = format!("ratelimit.scanner_agents[{k}]");
+                    let text = agent.get_ref().trim();
+                    if text.is_empty() || text.len() > 128 || text.chars().any(char::is_control) {
+                        return Err(self.at(
+                            agent.span(),
+                            &field,
+                            "must be 1 to 128 characters without control characters (an empty pattern would match every User-Agent)",
+                        ));
+                    }
+                    let lower = text.to_ascii_lowercase();
+                    if let Some(j) = out.iter().position(|o| *o == lower) {
+                        return Err(self.at(
+                            agent.span(),
+                            &field,
+                            format!(
+                                "\"{text}\" is already listed as ratelimit.scanner_agents[{j}]"
+                            ),
+                        ));
+                    }
+                    out.push(lower);
+                }
+                out
+            }
+        };
+        Ok(RateLimit {
+            enabled: flag(&raw.enabled, d.enabled),
+            register,
+            invite,
+            options,
+            block_after,
+            block_time: Duration::from_secs(block_secs),
+            max_sources: usize::try_from(max_sources).unwrap_or(usize::MAX),
+            exempt_trunks: flag(&raw.exempt_trunks, d.exempt_trunks),
+            exempt_nodes: flag(&raw.exempt_nodes, d.exempt_nodes),
+            drop_scanners: flag(&raw.drop_scanners, d.drop_scanners),
+            scanner_agents,
+        })
     }
 }
 

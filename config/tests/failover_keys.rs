@@ -475,3 +475,22 @@ fn second_pool_errors_name_their_index() {
         "from 1 to 100",
     );
 }
+
+#[test]
+fn suspect_after_defaults_turns_off_and_stays_below_the_branch_timeout() {
+    let pool = |text: &str| ok(text).pools[0].suspect_after;
+    assert_eq!(pool(&doc("", "", "")), Some(Duration::from_millis(250)));
+    assert_eq!(pool(&doc("suspect_after_ms = 0\n", "", "")), None);
+    assert_eq!(
+        pool(&doc("branch_timeout_ms = 200\n", "", "")),
+        Some(Duration::from_millis(199)),
+        "the default follows a short branch timeout down"
+    );
+    let text = doc("branch_timeout_ms = 500\nsuspect_after_ms = 500\n", "", "");
+    err(
+        &text,
+        "suspect_after_ms",
+        "pool[0].suspect_after_ms",
+        "below branch_timeout_ms",
+    );
+}

@@ -37,6 +37,9 @@ pub enum Outcome {
     Timeout,
     /// Sending failed: connection refused or reset, ICMP unreachable.
     TransportError,
+    /// No response yet, for longer than a healthy node takes to send 100 Trying (the
+    /// pool's `suspect_after`): the node becomes Suspect, no failure is counted.
+    Slow,
 }
 
 impl Outcome {
@@ -263,7 +266,7 @@ impl HealthMonitor {
     /// (see [`Outcome::is_failure`]). Successes take no lock: they do not
     /// change health (probes decide recovery).
     pub fn observe(&self, node: usize, outcome: Outcome) {
-        if !outcome.is_failure() {
+        if !outcome.is_failure() && outcome != Outcome::Slow {
             return;
         }
         let shared = self.shared();
@@ -274,11 +277,19 @@ impl HealthMonitor {
             return;
         };
         let mut m = rt.machine.write();
-        let update = m.observe(n.local, Observation::traffic_failure(), Instant::now());
+        let obs = if outcome == Outcome::Slow {
+            Observation::traffic_slow()
+        } else {
+            Observation::traffic_failure()
+        };
+        let update = m.observe(n.local, obs, Instant::now());
         let detail = match outcome {
             Outcome::Answered(code) => format!("transaction answered {code}"),
             Outcome::Timeout => "transaction timed out".to_string(),
             Outcome::TransportError => "transaction hit a transport error".to_string(),
+            Outcome::Slow => {
+                "transaction has had no response yet (not even 100 Trying)".to_string()
+            }
         };
         shared.apply(n.pool, &mut m, update, &detail);
     }

@@ -87,6 +87,9 @@ pub enum Source {
     Probe,
     /// The outcome of a real transaction sent to the node.
     Traffic,
+    /// A real transaction to the node has had no response at all for longer than a
+    /// healthy node takes to send 100 Trying: a hint, not a failure.
+    TrafficSlow,
 }
 
 /// One piece of evidence about a node.
@@ -115,6 +118,14 @@ impl Observation {
         }
     }
 
+    /// A new transaction to the node has had no response for the pool's `suspect_after`.
+    pub fn traffic_slow() -> Observation {
+        Observation {
+            alive: false,
+            source: Source::TrafficSlow,
+        }
+    }
+
     /// A transaction to the node got an answer (ignored, see the module docs).
     pub fn traffic_success() -> Observation {
         Observation {
@@ -138,6 +149,8 @@ pub enum Reason {
     MaintenanceOn,
     /// An operator took the node out of maintenance.
     MaintenanceOff,
+    /// A live transaction has had no response for longer than a healthy node takes.
+    TrafficSlow,
     /// The node was judged Down while the SBC itself could reach nothing; now that it can
     /// again, that verdict is withdrawn and the node must show its death afresh.
     Requalified,
@@ -152,6 +165,7 @@ impl Reason {
             Reason::TrafficFailed => "traffic_failed",
             Reason::MaintenanceOn => "maintenance_on",
             Reason::MaintenanceOff => "maintenance_off",
+            Reason::TrafficSlow => "traffic_slow",
             Reason::Requalified => "requalified",
         }
     }
@@ -282,8 +296,26 @@ impl NodeHealth {
     pub fn observe(&mut self, obs: Observation, now: Instant) -> Option<Transition> {
         let before = self.health;
         let reason;
+        if obs.source == Source::TrafficSlow {
+            // Only an Up node becomes Suspect, and nothing is counted: a slow answer is not
+            // a failure, but the next transactions should not queue behind it.
+            if before != NodeState::Up || obs.alive {
+                return None;
+            }
+            self.health = NodeState::Suspect;
+            if self.maintenance {
+                return None;
+            }
+            self.since = now;
+            return Some(Transition {
+                from: before,
+                to: NodeState::Suspect,
+                reason: Reason::TrafficSlow,
+                at: now,
+            });
+        }
         if obs.alive {
-            if obs.source == Source::Traffic {
+            if obs.source != Source::Probe {
                 return None;
             }
             reason = Reason::ProbeAnswered;
@@ -297,7 +329,8 @@ impl NodeHealth {
         } else {
             reason = match obs.source {
                 Source::Probe => Reason::ProbeFailed,
-                Source::Traffic => Reason::TrafficFailed,
+                // TrafficSlow returned above.
+                Source::Traffic | Source::TrafficSlow => Reason::TrafficFailed,
             };
             self.successes = 0;
             let in_grace = !self.answered
@@ -391,6 +424,29 @@ mod tests {
     fn probe(n: &mut NodeHealth, alive: bool, at: Instant) -> Option<(NodeState, NodeState)> {
         n.observe(Observation::probe(alive), at)
             .map(|t| (t.from, t.to))
+    }
+
+    #[test]
+    fn a_slow_transaction_makes_an_up_node_suspect_without_counting_a_failure() {
+        let (mut n, t0) = machine(2, 2, 0);
+        probe(&mut n, true, t0);
+        let t = n.observe(Observation::traffic_slow(), t0 + MS);
+        assert_eq!(
+            t.map(|t| (t.to, t.reason)),
+            Some((NodeState::Suspect, Reason::TrafficSlow))
+        );
+        assert_eq!(n.consecutive_failures(), 0);
+        // Nothing more while Suspect; one answered probe brings it back.
+        assert_eq!(n.observe(Observation::traffic_slow(), t0 + MS * 2), None);
+        assert_eq!(
+            probe(&mut n, true, t0 + MS * 3),
+            Some((NodeState::Suspect, NodeState::Up))
+        );
+        // Slowness never brings a node Down, however often.
+        for k in 4..10 {
+            n.observe(Observation::traffic_slow(), t0 + MS * k);
+        }
+        assert_eq!(n.state(), NodeState::Suspect);
     }
 
     #[test]

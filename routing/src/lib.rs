@@ -46,6 +46,9 @@ pub struct PoolRoute {
     /// How long a new INVITE/REGISTER waits for any response from a node before the next
     /// node is tried.
     pub branch_timeout: std::time::Duration,
+    /// How long a new INVITE/REGISTER may go without any response before its node is made
+    /// Suspect (new transactions then try the next ready node first); `None` = never.
+    pub suspect_after: Option<std::time::Duration>,
 }
 
 /// Who sent a request, decided by source address alone (RFC 3261 gives no better
@@ -94,6 +97,7 @@ impl RouteTable {
                 name: p.name.clone(),
                 nodes: idx,
                 branch_timeout: p.branch_timeout,
+                suspect_after: p.suspect_after,
             });
         }
         let trunks = cfg

@@ -355,8 +355,8 @@ impl State {
             registrations: ctx.proxy.registrations.len(),
             transactions: ctx.proxy.transaction_count(),
             connections: ctx.transports.connection_count(),
-            calls: 0,
-            media_sessions: 0,
+            calls: ctx.proxy.media().map_or(0, |m| m.dialogs()),
+            media_sessions: ctx.proxy.media().map_or(0, |m| m.sessions()),
         }
     }
 

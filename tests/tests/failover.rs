@@ -161,3 +161,35 @@ async fn primary_503_is_retried_at_once() {
     assert!(p.primary.stats().requests_of("REGISTER") >= 1);
     p.sbc.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_without_100_trying_is_suspect_before_the_branch_timeout() {
+    let p = pair().await;
+    let alice = phone(&p, "alice", "a-secret").await;
+    let bob = phone(&p, "bob", "b-secret").await;
+    wait_all_up(&p).await;
+    p.primary.set_mode(PbxMode::Silent);
+    // bob's REGISTER waits out the branch timeout on the silent primary. 250 ms into it
+    // (suspect_after_ms default), with no 100 Trying or anything else seen, the primary is
+    // Suspect: alice's REGISTER, sent 400 ms in, goes to the standby first and does not wait.
+    let t = Instant::now();
+    let (b, a) = tokio::join!(bob.register(300), async {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let t = Instant::now();
+        let r = alice.register(300).await;
+        (r, t.elapsed())
+    });
+    assert_eq!(b.expect("bob").status(), Some(200));
+    let bob_took = t.elapsed();
+    let (a, alice_took) = a;
+    assert_eq!(a.expect("alice").status(), Some(200));
+    assert!(bob_took >= Duration::from_millis(900), "{bob_took:?}");
+    assert!(
+        alice_took < Duration::from_millis(300),
+        "alice queued behind the silent primary: {alice_took:?}"
+    );
+    assert_eq!(p.standby.registrations().len(), 2);
+    // A hint, not a failover.
+    assert_eq!(p.sbc.health.status()[0].active.as_deref(), Some("primary"));
+    p.sbc.shutdown();
+}

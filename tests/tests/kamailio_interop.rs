@@ -103,8 +103,14 @@ async fn call_between_phones_through_sbc_and_kamailio() {
     }
     assert_eq!(sbc.proxy.registrations.len(), 2);
 
-    // Bob calls alice through the SBC and Kamailio.
-    let sdp = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0\r\n";
+    // Bob calls alice through the SBC and Kamailio. Each has a real RTP socket.
+    let bob_rtp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let alice_rtp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let sdp_for = |port: u16| {
+        format!("v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {port} RTP/AVP 0\r\n")
+    };
+    let sdp = sdp_for(bob_rtp.local_addr().unwrap().port());
+    let sdp = sdp.as_str();
     let inv = request(
         "INVITE",
         "sip:alice@pbx.test",
@@ -119,7 +125,13 @@ async fn call_between_phones_through_sbc_and_kamailio() {
     bob.send_to(inv.as_bytes(), sbc_addr).await.unwrap();
     let inv_in = recv(&alice, "INVITE at alice", &log).await;
     assert_eq!(inv_in.method(), Some(Method::Invite));
-    assert_eq!(inv_in.body(), sdp.as_bytes());
+    // The SBC anchored the media: alice is offered a relay port, not bob's.
+    let offered = sdp_target(inv_in.body()).expect("SDP in the INVITE at alice");
+    assert_ne!(
+        offered.port(),
+        bob_rtp.local_addr().unwrap().port(),
+        "media anchored"
+    );
     assert!(
         inv_in.header(HeaderName::Route).is_none(),
         "SBC popped its Path route"
@@ -136,6 +148,7 @@ async fn call_between_phones_through_sbc_and_kamailio() {
     for r in &rr {
         extra.push_str(&format!("Record-Route: {r}\r\n"));
     }
+    let alice_sdp = sdp_for(alice_rtp.local_addr().unwrap().port());
     let ok = sbc_sip::edit::response(
         &inv_in,
         200,
@@ -143,7 +156,7 @@ async fn call_between_phones_through_sbc_and_kamailio() {
         &sbc_sip::edit::ResponseOpts {
             to_tag: Some(b"alicetag"),
             extra: extra.as_bytes(),
-            body: Some(("application/sdp", sdp.as_bytes())),
+            body: Some(("application/sdp", alice_sdp.as_bytes())),
             ..Default::default()
         },
     );
@@ -186,6 +199,28 @@ async fn call_between_phones_through_sbc_and_kamailio() {
     let ack_in = recv(&alice, "ACK at alice", &log).await;
     assert_eq!(ack_in.method(), Some(Method::Ack));
 
+    // Media both ways through the relay: the call crosses the SBC twice (Kamailio proxies),
+    // so the packets cross the relay twice too; every packet arrives.
+    let answered = sdp_target(ok_in.body()).expect("SDP in the 200 at bob");
+    assert_ne!(
+        answered.port(),
+        alice_rtp.local_addr().unwrap().port(),
+        "media anchored"
+    );
+    for seq in 0..20u16 {
+        bob_rtp.send_to(&rtp(seq, 0xb0b), answered).await.unwrap();
+        alice_rtp
+            .send_to(&rtp(seq, 0xa11ce), offered)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let at_alice = count_rtp(&alice_rtp, 0xb0b).await;
+    let at_bob = count_rtp(&bob_rtp, 0xa11ce).await;
+    // The first packet each way may arrive before the far side's source is latched.
+    assert!(at_alice >= 19, "bob -> alice: {at_alice}/20 packets");
+    assert!(at_bob >= 19, "alice -> bob: {at_bob}/20 packets");
+
     // Bob hangs up.
     let bye = request(
         "BYE",
@@ -207,4 +242,42 @@ async fn call_between_phones_through_sbc_and_kamailio() {
     assert_eq!(r.status(), Some(200));
     assert_eq!(r.cseq_method(), Method::Bye);
     sbc.shutdown();
+}
+
+/// The address the first m= line of an SDP body sends media to.
+fn sdp_target(body: &[u8]) -> Option<SocketAddr> {
+    let text = std::str::from_utf8(body).ok()?;
+    let ip = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("c=IN IP4 "))?;
+    let port = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("m=audio "))?
+        .split(' ')
+        .next()?;
+    format!("{ip}:{port}").parse().ok()
+}
+
+/// A minimal RTP packet (PCMU, 160 bytes of payload).
+fn rtp(seq: u16, ssrc: u32) -> Vec<u8> {
+    let mut p = vec![0x80, 0x00];
+    p.extend_from_slice(&seq.to_be_bytes());
+    p.extend_from_slice(&(u32::from(seq) * 160).to_be_bytes());
+    p.extend_from_slice(&ssrc.to_be_bytes());
+    p.extend_from_slice(&[0xff; 160]);
+    p
+}
+
+/// RTP packets of `ssrc` received until the socket stays quiet for 300 ms.
+async fn count_rtp(s: &UdpSocket, ssrc: u32) -> usize {
+    let mut buf = [0u8; 2048];
+    let mut n = 0;
+    while let Ok(Ok((len, _))) =
+        tokio::time::timeout(Duration::from_millis(300), s.recv_from(&mut buf)).await
+    {
+        if len >= 12 && buf[8..12] == ssrc.to_be_bytes() {
+            n += 1;
+        }
+    }
+    n
 }

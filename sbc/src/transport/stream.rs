@@ -654,11 +654,14 @@ where
         framer.push(&buf[..n]);
         loop {
             match framer.next_frame() {
-                Ok(Some(Frame::Message(data))) => inner.handler.on_message(Inbound {
-                    flow,
-                    data,
-                    received_at,
-                }),
+                Ok(Some(Frame::Message(data))) => super::deliver(
+                    &*inner.handler,
+                    Inbound {
+                        flow,
+                        data,
+                        received_at,
+                    },
+                ),
                 Ok(Some(Frame::Ping)) => {
                     let pong = Outgoing {
                         data: Bytes::from_static(b"\r\n"),

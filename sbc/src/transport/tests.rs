@@ -666,3 +666,33 @@ fn transport_tls_loading_errors() {
         Err(TlsError::Read { .. })
     ));
 }
+
+/// A handler that panics on a poisoned message must not take the caller down with it.
+#[test]
+fn transport_a_panicking_handler_costs_one_message() {
+    struct Fragile(std::sync::atomic::AtomicUsize);
+    impl Handler for Fragile {
+        fn on_message(&self, msg: Inbound) {
+            if msg.data.starts_with(b"boom") {
+                panic!("poisoned message");
+            }
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let h = Fragile(std::sync::atomic::AtomicUsize::new(0));
+    let flow = Flow {
+        transport: Transport::Udp,
+        local: "127.0.0.1:5060".parse().unwrap(),
+        remote: "127.0.0.1:5062".parse().unwrap(),
+        conn: None,
+    };
+    let msg = |d: &'static [u8]| Inbound {
+        flow,
+        data: Bytes::from_static(d),
+        received_at: std::time::Instant::now(),
+    };
+    super::deliver(&h, msg(b"ok"));
+    super::deliver(&h, msg(b"boom"));
+    super::deliver(&h, msg(b"ok again"));
+    assert_eq!(h.0.load(std::sync::atomic::Ordering::Relaxed), 2);
+}

@@ -81,11 +81,14 @@ pub(super) fn recv_thread(inner: Arc<Inner>, entry: Arc<UdpEntry>) {
                 remote,
                 conn: None,
             };
-            inner.handler.on_message(Inbound {
-                flow,
-                data: Bytes::copy_from_slice(data),
-                received_at,
-            });
+            super::deliver(
+                &*inner.handler,
+                Inbound {
+                    flow,
+                    data: Bytes::copy_from_slice(data),
+                    received_at,
+                },
+            );
         }
         let pending = SEND_BATCH.with(|b| {
             let mut b = b.borrow_mut();

@@ -1,0 +1,322 @@
+//! Media anchoring end to end: calls through a running SBC (with the scripted PBX, which
+//! proxies, so a phone-to-trunk call crosses the SBC twice) carry RTP through the relay; the
+//! trunk and the PBX never see a phone's media address; a NATed phone is latched; a
+//! re-INVITE keeps the relay ports; silence ends the media; a small port range runs out
+//! cleanly (503) and recovers.
+
+use sbc_sip::Transport;
+use sbc_tests::pbx::{Pbx, PbxConfig};
+use sbc_tests::phone::{Phone, PhoneConfig};
+use sbc_tests::trunk::Trunk;
+use sbc_tests::ua::{sdp_media_addr, InviteOpts};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+use tokio::net::UdpSocket;
+
+struct Lab {
+    sbc: sbc::Sbc,
+    pbx: Pbx,
+    trunk: Trunk,
+}
+
+fn free_udp(ip: &str) -> SocketAddr {
+    let s = std::net::UdpSocket::bind(format!("{ip}:0")).expect("bind");
+    s.local_addr().expect("addr")
+}
+
+/// An SBC whose relay uses `ports` (below the ephemeral range, a range per test so tests in
+/// parallel do not take each other's ports) and `timeout` seconds of media silence.
+async fn lab(trunk_ip: &str, ports: (u16, u16), timeout: u32) -> Lab {
+    let pbx_addr = free_udp("127.0.0.2");
+    let trunk_addr = free_udp(trunk_ip);
+    let cfg = format!(
+        r#"
+[[listen]]
+transport = "udp"
+addr = "127.0.0.1:0"
+[[pool]]
+name = "pbx"
+[[pool.node]]
+name = "pbx-a"
+address = "{pbx_addr}"
+[[trunk]]
+name = "carrier"
+sources = ["{trunk_ip}"]
+address = "{trunk_addr}"
+domains = ["carrier.test"]
+[phones]
+sources = ["127.0.0.0/8"]
+[media]
+port_min = {min}
+port_max = {max}
+timeout_secs = {timeout}
+"#,
+        min = ports.0,
+        max = ports.1,
+    );
+    let cfg = sbc_config::parse(&cfg, Path::new("media.toml")).expect("config");
+    let sbc = sbc::Sbc::start(&cfg).await.expect("sbc");
+    let udp = sbc.addr(Transport::Udp).expect("udp");
+    let pbx = Pbx::start(
+        PbxConfig::new(pbx_addr, "pbx.test", udp)
+            .user("alice", "a-secret")
+            .trunk("9", "carrier.test"),
+    )
+    .await
+    .expect("pbx");
+    let trunk = Trunk::start(trunk_addr, udp).await.expect("trunk");
+    Lab { sbc, pbx, trunk }
+}
+
+async fn alice(lab: &Lab) -> Phone {
+    let c = PhoneConfig::new(
+        "alice",
+        "pbx.test",
+        "a-secret",
+        lab.sbc.addr(Transport::Udp).expect("udp"),
+    );
+    let p = Phone::new(c).await.expect("phone");
+    assert_eq!(p.register(300).await.expect("reg").status(), Some(200));
+    p
+}
+
+fn rtp(seq: u16, ssrc: u32) -> Vec<u8> {
+    let mut p = vec![0x80, 0x00];
+    p.extend_from_slice(&seq.to_be_bytes());
+    p.extend_from_slice(&(u32::from(seq) * 160).to_be_bytes());
+    p.extend_from_slice(&ssrc.to_be_bytes());
+    p.extend_from_slice(&[0xd5; 160]);
+    p
+}
+
+/// Packets of `ssrc` received on `s` until it stays quiet for 300 ms.
+async fn count_rtp(s: &UdpSocket, ssrc: u32) -> usize {
+    let mut buf = [0u8; 2048];
+    let mut n = 0;
+    while let Ok(Ok((len, _))) =
+        tokio::time::timeout(Duration::from_millis(300), s.recv_from(&mut buf)).await
+    {
+        if len >= 12 && buf[8..12] == ssrc.to_be_bytes() {
+            n += 1;
+        }
+    }
+    n
+}
+
+async fn send_rtp(s: &UdpSocket, to: SocketAddr, ssrc: u32, n: u16) {
+    for seq in 0..n {
+        s.send_to(&rtp(seq, ssrc), to).await.expect("send rtp");
+        if seq % 10 == 9 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn phone_to_trunk_call_relays_rtp_and_hides_the_phone() {
+    let lab = lab("127.0.0.40", (20000, 20099), 60).await;
+    let alice = alice(&lab).await;
+    let trunk = &lab.trunk;
+    let (call, inc) = tokio::join!(alice.invite("sip:95551234@pbx.test"), async {
+        let inc = trunk
+            .wait_invite(Duration::from_secs(3))
+            .await
+            .expect("trunk gets INVITE");
+        let c = trunk.answer(&inc, 200).await.expect("answer");
+        (inc, c)
+    });
+    let mut call = call.expect("call");
+    assert_eq!(call.final_status, 200);
+    let (inc, tcall) = inc;
+
+    // Each end is offered the relay, never the other end.
+    let alice_media = alice.media_addr();
+    let trunk_media = trunk.media_addr();
+    let at_trunk = sdp_media_addr(inc.invite.body()).expect("SDP at the trunk");
+    let at_alice = call.remote_media().expect("SDP at alice");
+    assert_ne!(at_trunk, alice_media);
+    assert_ne!(at_alice, trunk_media);
+    assert!((20000..=20099).contains(&at_trunk.port()), "{at_trunk}");
+    assert!((20000..=20099).contains(&at_alice.port()), "{at_alice}");
+    // Nor does the PBX ever see alice's media address in any SDP.
+    let needle = format!(" {} ", alice_media.port());
+    for m in lab.pbx.received() {
+        let body = String::from_utf8_lossy(m.body()).to_string();
+        assert!(
+            !body.contains(&needle),
+            "the PBX saw alice's media port in:\n{body}"
+        );
+    }
+    // Two passes (phone -> PBX, PBX -> trunk), each anchored.
+    let media = lab.sbc.proxy.media().expect("media anchoring on");
+    assert_eq!(media.sessions(), 2);
+
+    // RTP both ways, every packet arrives.
+    tokio::join!(
+        send_rtp(alice.media_socket(), at_alice, 0xa1, 100),
+        send_rtp(trunk.media_socket(), at_trunk, 0x7c, 100)
+    );
+    let (to_trunk, to_alice) = tokio::join!(
+        count_rtp(trunk.media_socket(), 0xa1),
+        count_rtp(alice.media_socket(), 0x7c)
+    );
+    assert_eq!(to_trunk, 100, "alice -> trunk");
+    assert_eq!(to_alice, 100, "trunk -> alice");
+    // Each packet crossed the relay twice (two passes): the relay's own count agrees.
+    let totals = media.relay().totals();
+    assert!(totals.packets >= 400, "{totals:?}");
+    assert_eq!(media.dialogs(), 2, "both passes established");
+
+    // A re-INVITE (new SDP version, same socket) keeps the relay ports.
+    let (r, got) = tokio::join!(
+        alice.reinvite(&mut call),
+        trunk.wait_request_and_answer(sbc_sip::Method::Invite, Duration::from_secs(3))
+    );
+    assert_eq!(r.expect("re-INVITE").status(), Some(200));
+    let got = got.expect("the trunk sees the re-INVITE");
+    assert_eq!(sdp_media_addr(got.body()), Some(at_trunk), "ports kept");
+    assert_eq!(call.remote_media(), Some(at_alice), "ports kept");
+    assert_eq!(media.sessions(), 2);
+
+    // BYE releases both passes.
+    let (bye, _) = tokio::join!(
+        trunk.bye(&tcall),
+        alice.wait_request_and_answer(sbc_sip::Method::Bye, Duration::from_secs(3))
+    );
+    assert_eq!(bye.expect("bye").status(), Some(200));
+    assert_eq!(media.sessions(), 0);
+    assert_eq!(media.tracked_calls(), 0);
+    lab.sbc.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn natted_phone_is_latched_to_where_its_rtp_comes_from() {
+    let lab = lab("127.0.0.41", (20100, 20199), 60).await;
+    let alice = alice(&lab).await;
+    let trunk = &lab.trunk;
+    // Alice's SDP names a port nothing listens on (her private address); her RTP really
+    // leaves from her media socket (the NAT's public mapping).
+    let private = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let private_port = private.local_addr().expect("addr").port();
+    drop(private);
+    let sdp = String::from_utf8(alice.sdp(1))
+        .expect("utf8")
+        .replace(
+            &format!("m=audio {} ", alice.media_addr().port()),
+            &format!("m=audio {private_port} "),
+        )
+        .into_bytes();
+    let opts = InviteOpts {
+        sdp: Some(sdp),
+        ..Default::default()
+    };
+    let (call, inc) = tokio::join!(alice.invite_with("sip:95551234@pbx.test", opts), async {
+        let inc = trunk
+            .wait_invite(Duration::from_secs(3))
+            .await
+            .expect("INVITE");
+        trunk.answer(&inc, 200).await.expect("answer");
+        inc
+    });
+    let call = call.expect("call");
+    let at_alice = call.remote_media().expect("SDP");
+    let at_trunk = sdp_media_addr(inc.invite.body()).expect("SDP");
+
+    // Alice speaks first; the relay latches onto her real source.
+    send_rtp(alice.media_socket(), at_alice, 0xa1, 10).await;
+    assert_eq!(count_rtp(trunk.media_socket(), 0xa1).await, 10);
+    send_rtp(trunk.media_socket(), at_trunk, 0x7c, 20).await;
+    assert_eq!(
+        count_rtp(alice.media_socket(), 0x7c).await,
+        20,
+        "the trunk's RTP reaches alice where her packets came from, not her SDP's port"
+    );
+
+    // A stray sender toward alice's relay port is ignored while alice is active.
+    let stray = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    send_rtp(&stray, at_alice, 0x5, 10).await;
+    send_rtp(alice.media_socket(), at_alice, 0xa1, 5).await;
+    assert_eq!(count_rtp(trunk.media_socket(), 0x5).await, 0, "no hijack");
+    send_rtp(trunk.media_socket(), at_trunk, 0x7c, 5).await;
+    assert_eq!(count_rtp(alice.media_socket(), 0x7c).await, 5);
+    assert_eq!(count_rtp(&stray, 0x7c).await, 0);
+    lab.sbc.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_call_times_out_and_frees_its_ports() {
+    let lab = lab("127.0.0.42", (20200, 20299), 1).await;
+    let alice = alice(&lab).await;
+    let trunk = &lab.trunk;
+    let (call, _) = tokio::join!(alice.invite("sip:95551234@pbx.test"), async {
+        let inc = trunk
+            .wait_invite(Duration::from_secs(3))
+            .await
+            .expect("INVITE");
+        trunk.answer(&inc, 200).await.expect("answer")
+    });
+    assert_eq!(call.expect("call").final_status, 200);
+    let media = lab.sbc.proxy.media().expect("media");
+    assert_eq!(media.sessions(), 2);
+    assert_eq!(media.dialogs(), 2, "both passes' dialogs recorded");
+    // Nobody sends RTP: after the 1 s media timeout the SBC hangs up both ends itself.
+    let (at_alice, at_trunk) = tokio::join!(
+        alice.wait_request_and_answer(sbc_sip::Method::Bye, Duration::from_secs(5)),
+        trunk.wait_request_and_answer(sbc_sip::Method::Bye, Duration::from_secs(5))
+    );
+    for (who, bye) in [("alice", at_alice), ("trunk", at_trunk)] {
+        let bye = bye.unwrap_or_else(|e| panic!("{who} gets a BYE: {e}"));
+        let text = String::from_utf8_lossy(bye.as_bytes()).to_string();
+        assert!(text.contains("media timeout"), "{who}: {text}");
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while media.sessions() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(media.sessions(), 0, "media timeout released the call");
+    assert_eq!(media.tracked_calls(), 0);
+    assert_eq!(media.dialogs(), 0);
+    lab.sbc.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_port_range_answers_503_and_recovers() {
+    // 8 ports: 4 RTP/RTCP pairs, exactly one call that crosses the SBC twice.
+    let lab = lab("127.0.0.43", (20300, 20307), 60).await;
+    let alice = alice(&lab).await;
+    let trunk = &lab.trunk;
+    let (call, inc) = tokio::join!(alice.invite("sip:95551234@pbx.test"), async {
+        let inc = trunk
+            .wait_invite(Duration::from_secs(3))
+            .await
+            .expect("INVITE");
+        trunk.answer(&inc, 200).await.expect("answer")
+    });
+    assert_eq!(call.expect("first call").final_status, 200);
+    let tcall = inc;
+
+    // No ports left: the next call is refused with 503, nothing crashes, nothing leaks.
+    let second = alice.invite("sip:95550000@pbx.test").await.expect("answer");
+    assert_eq!(second.final_status, 503);
+    let media = lab.sbc.proxy.media().expect("media");
+    assert_eq!(media.sessions(), 2);
+
+    let (bye, _) = tokio::join!(
+        trunk.bye(&tcall),
+        alice.wait_request_and_answer(sbc_sip::Method::Bye, Duration::from_secs(3))
+    );
+    assert_eq!(bye.expect("bye").status(), Some(200));
+    assert_eq!(media.sessions(), 0);
+
+    // Ports are back: a new call works.
+    let (call, _) = tokio::join!(alice.invite("sip:95551111@pbx.test"), async {
+        let inc = trunk
+            .wait_invite(Duration::from_secs(3))
+            .await
+            .expect("INVITE");
+        trunk.answer(&inc, 200).await.expect("answer")
+    });
+    assert_eq!(call.expect("third call").final_status, 200);
+    lab.sbc.shutdown();
+}
