@@ -68,6 +68,7 @@ pub(crate) struct RawLimits {
     pub max_headers: Option<Int>,
     pub max_via: Option<Int>,
     pub idle_timeout_secs: Option<Int>,
+    pub message_timeout_ms: Option<Int>,
     pub tcp_connect_timeout_ms: Option<Int>,
     pub tls_handshake_timeout_ms: Option<Int>,
     pub max_connections: Option<Int>,

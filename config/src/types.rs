@@ -252,6 +252,11 @@ pub struct Limits {
     /// A TCP/TLS connection without traffic for this long is closed
     /// (10 s..=86400 s, default 300 s).
     pub idle_timeout: Duration,
+    /// A TCP/TLS peer that has started a message must finish it within this
+    /// time, or the connection is closed (1000 ms..=60000 ms, default 5000 ms).
+    /// Stops slow senders ("slowloris"): a byte every few seconds would keep
+    /// a connection and its buffer forever under the idle timeout alone.
+    pub message_timeout: Duration,
     /// Give up connecting to a TCP/TLS peer after this long
     /// (100 ms..=60000 ms, default 2000 ms).
     pub tcp_connect_timeout: Duration,
@@ -279,6 +284,7 @@ impl Default for Limits {
             max_headers: 128,
             max_via: 70,
             idle_timeout: Duration::from_secs(300),
+            message_timeout: Duration::from_millis(5000),
             tcp_connect_timeout: Duration::from_millis(2000),
             tls_handshake_timeout: Duration::from_millis(5000),
             max_connections: 10000,

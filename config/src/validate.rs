@@ -445,6 +445,12 @@ impl Ctx<'_> {
                 10..=86_400,
                 d.idle_timeout,
             )?,
+            message_timeout: ms(
+                &raw.message_timeout_ms,
+                "message_timeout_ms",
+                1000..=60_000,
+                d.message_timeout,
+            )?,
             tcp_connect_timeout: ms(
                 &raw.tcp_connect_timeout_ms,
                 "tcp_connect_timeout_ms",

@@ -164,6 +164,7 @@ impl Sbc {
         let tcfg = TransportConfig {
             max_message_size: cfg.limits.max_message_size,
             idle_timeout: cfg.limits.idle_timeout,
+            message_timeout: cfg.limits.message_timeout,
             connect_timeout: cfg.limits.tcp_connect_timeout,
             tls_handshake_timeout: cfg.limits.tls_handshake_timeout,
             max_connections: cfg.limits.max_connections,

@@ -146,6 +146,8 @@ pub struct TransportConfig {
     pub max_message_size: usize,
     /// A connection with no byte received and no message sent for this long is closed.
     pub idle_timeout: Duration,
+    /// A peer that has started a message must finish it within this time (slow senders).
+    pub message_timeout: Duration,
     /// Outbound TCP connect limit.
     pub connect_timeout: Duration,
     /// TLS handshake limit, inbound and outbound.
@@ -166,6 +168,7 @@ impl TransportConfig {
         TransportConfig {
             max_message_size: 65535,
             idle_timeout: Duration::from_secs(600),
+            message_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             tls_handshake_timeout: Duration::from_secs(5),
             max_connections: 100_000,

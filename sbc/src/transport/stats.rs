@@ -18,6 +18,8 @@ pub(super) enum CloseReason {
     Framing = 5,
     /// [`super::Transports::shutdown`].
     Shutdown = 6,
+    /// A message was started and not finished within `message_timeout` (slow sender).
+    Slow = 7,
 }
 
 impl CloseReason {
@@ -29,6 +31,7 @@ impl CloseReason {
             CloseReason::Limit => "limit",
             CloseReason::Framing => "framing",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::Slow => "slow",
         }
     }
 
@@ -40,6 +43,7 @@ impl CloseReason {
             4 => CloseReason::Limit,
             5 => CloseReason::Framing,
             6 => CloseReason::Shutdown,
+            7 => CloseReason::Slow,
             _ => return None,
         })
     }

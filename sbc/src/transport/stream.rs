@@ -640,8 +640,22 @@ where
 {
     let mut framer = StreamFramer::new(inner.cfg.max_message_size);
     let mut buf = vec![0u8; READ_CHUNK];
+    // When the bytes still buffered (a message not yet complete) began to arrive: the rest
+    // must come within message_timeout.
+    let mut partial_since: Option<tokio::time::Instant> = None;
     loop {
-        let n = match rd.read(&mut buf).await {
+        let read = rd.read(&mut buf);
+        let r = match partial_since {
+            Some(t) => match tokio::time::timeout_at(t + inner.cfg.message_timeout, read).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::debug!(%flow, buffered = framer.buffered(), "message not finished in time; closing (slow sender)");
+                    return CloseReason::Slow;
+                }
+            },
+            None => read.await,
+        };
+        let n = match r {
             Ok(0) => return CloseReason::Eof,
             Ok(n) => n,
             Err(err) => {
@@ -652,8 +666,11 @@ where
         let received_at = Instant::now();
         activity.touch();
         framer.push(&buf[..n]);
+        let mut framed = false;
         loop {
-            match framer.next_frame() {
+            let frame = framer.next_frame();
+            framed |= matches!(frame, Ok(Some(_)));
+            match frame {
                 Ok(Some(Frame::Message(data))) => super::deliver(
                     &*inner.handler,
                     Inbound {
@@ -681,6 +698,13 @@ where
                 }
             }
         }
+        partial_since = match (framer.buffered(), partial_since) {
+            (0, _) => None,
+            // A message completed in this read: what remains started now.
+            (_, _) if framed => Some(tokio::time::Instant::now()),
+            (_, Some(t)) => Some(t),
+            (_, None) => Some(tokio::time::Instant::now()),
+        };
     }
 }
 

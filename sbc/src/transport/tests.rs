@@ -73,6 +73,7 @@ fn cfg() -> TransportConfig {
     TransportConfig {
         max_message_size: 4096,
         idle_timeout: Duration::from_secs(30),
+        message_timeout: Duration::from_secs(1),
         connect_timeout: Duration::from_secs(2),
         tls_handshake_timeout: Duration::from_secs(2),
         max_connections: 100,
@@ -391,6 +392,46 @@ async fn transport_tcp_idle_timeout_closes() {
     assert!(started.elapsed() >= Duration::from_millis(200));
     assert_eq!(ev.closed().await, m.flow);
     assert_eq!(t.connection_count(), 0);
+}
+
+/// A slow sender trickling a message a byte at a time, each byte well inside the idle
+/// timeout, is cut off at the message timeout; a fast one on another connection is not.
+#[tokio::test]
+async fn transport_tcp_slow_sender_is_cut_off() {
+    let mut c = cfg();
+    c.idle_timeout = Duration::from_secs(30);
+    c.message_timeout = Duration::from_millis(1000);
+    let (t, mut ev) = start(vec![spec(Transport::Tcp, "127.0.0.1:0")], c).await;
+    let addr = addr_of(&t, Transport::Tcp);
+    let mut slow = TcpStream::connect(addr).await.expect("connect");
+    let req = sip("OPTIONS", "");
+    let started = tokio::time::Instant::now();
+    let mut cut = false;
+    for b in &req {
+        if slow.write_all(&[*b]).await.is_err() {
+            cut = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if started.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+    }
+    assert!(
+        cut || closed_by_peer(&mut slow).await,
+        "slow sender still connected"
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    // The whole message never arrived.
+    let _ = ev.closed().await;
+    let mut fast = TcpStream::connect(addr).await.expect("connect");
+    fast.write_all(&req).await.expect("write");
+    let m = ev.msg().await;
+    assert_eq!(m.data.as_ref(), &req[..]);
 }
 
 #[tokio::test]
