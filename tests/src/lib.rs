@@ -19,6 +19,7 @@ pub mod digest;
 pub mod http_stub;
 pub mod kamailio;
 pub mod load;
+pub mod net;
 pub mod pbx;
 pub mod phone;
 pub mod pki;

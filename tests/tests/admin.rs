@@ -7,6 +7,7 @@
 //! nodes uniquely, and metric assertions filter on those labels.
 
 use sbc_sip::Transport;
+use sbc_tests::net::free_udp;
 use sbc_tests::pbx::{Pbx, PbxConfig};
 use sbc_tests::phone::{Phone, PhoneConfig};
 use serde_json::Value;
@@ -19,11 +20,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 const TOKEN: &str = "admin-token-0123456789";
-
-fn free_udp(ip: &str) -> SocketAddr {
-    let s = std::net::UdpSocket::bind(format!("{ip}:0")).expect("bind");
-    s.local_addr().expect("addr")
-}
 
 static LABS: AtomicU32 = AtomicU32::new(0);
 

@@ -3,11 +3,11 @@
 //! (including a phone behind a simulated NAT); CANCEL; 486 and 404.
 
 use sbc_sip::Transport;
+use sbc_tests::net::free_udp;
 use sbc_tests::pbx::{Pbx, PbxConfig};
 use sbc_tests::phone::{Phone, PhoneConfig};
 use sbc_tests::pki::TestPki;
 use sbc_tests::trunk::Trunk;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -17,11 +17,6 @@ struct Lab {
     trunk: Trunk,
     pki: TestPki,
     _dir: std::path::PathBuf,
-}
-
-fn free_udp(ip: &str) -> SocketAddr {
-    let s = std::net::UdpSocket::bind(format!("{ip}:0")).expect("bind");
-    s.local_addr().expect("addr")
 }
 
 async fn lab(trunk_ip: &str) -> Lab {

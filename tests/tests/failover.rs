@@ -3,16 +3,11 @@
 //! of extra delay.
 
 use sbc_sip::Transport;
+use sbc_tests::net::free_udp;
 use sbc_tests::pbx::{Pbx, PbxConfig, PbxMode};
 use sbc_tests::phone::{Phone, PhoneConfig};
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-fn free_udp(ip: &str) -> SocketAddr {
-    let s = std::net::UdpSocket::bind(format!("{ip}:0")).expect("bind");
-    s.local_addr().expect("addr")
-}
 
 struct Pair {
     sbc: sbc::Sbc,

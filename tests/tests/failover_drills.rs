@@ -26,6 +26,7 @@
 //! Probe settings are scaled down: 500 ms interval, 300 ms timeout, 2 failures, 2 successes;
 //! branch timeout 1 s (the default). Each drill runs 12 s of load (240 calls).
 
+use sbc_tests::net::free_udp;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -66,11 +67,6 @@ fn detection_bound() -> Duration {
 /// standby, at most the probe timeout + 100 ms).
 fn failover_bound() -> Duration {
     detection_bound() + PROBE_TIMEOUT + Duration::from_millis(100)
-}
-
-fn free_udp(ip: &str) -> SocketAddr {
-    let s = std::net::UdpSocket::bind(format!("{ip}:0")).expect("bind");
-    s.local_addr().expect("addr")
 }
 
 enum Primary {

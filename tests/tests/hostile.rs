@@ -12,6 +12,7 @@
 use bytes::Bytes;
 use sbc_sip::message::{HeaderName, Message};
 use sbc_sip::Transport;
+use sbc_tests::net::free_udp;
 use sbc_tests::pbx::{Pbx, PbxConfig};
 use sbc_tests::phone::{Phone, PhoneConfig};
 use std::net::{IpAddr, SocketAddr};
@@ -26,11 +27,6 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 struct Lab {
     sbc: sbc::Sbc,
     pbx: Pbx,
-}
-
-fn free_udp(ip: &str) -> SocketAddr {
-    let s = std::net::UdpSocket::bind(format!("{ip}:0")).expect("bind");
-    s.local_addr().expect("addr")
 }
 
 /// An SBC (UDP and TCP on 127.0.0.1) in front of one scripted PBX on 127.0.0.2, with

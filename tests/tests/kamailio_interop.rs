@@ -7,6 +7,7 @@ use bytes::Bytes;
 use sbc_sip::addr::NameAddr;
 use sbc_sip::message::{HeaderName, Message, Method};
 use sbc_tests::kamailio::{kamailio_available, KamailioPbx};
+use sbc_tests::net::{count_rtp, rtp};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -256,28 +257,4 @@ fn sdp_target(body: &[u8]) -> Option<SocketAddr> {
         .split(' ')
         .next()?;
     format!("{ip}:{port}").parse().ok()
-}
-
-/// A minimal RTP packet (PCMU, 160 bytes of payload).
-fn rtp(seq: u16, ssrc: u32) -> Vec<u8> {
-    let mut p = vec![0x80, 0x00];
-    p.extend_from_slice(&seq.to_be_bytes());
-    p.extend_from_slice(&(u32::from(seq) * 160).to_be_bytes());
-    p.extend_from_slice(&ssrc.to_be_bytes());
-    p.extend_from_slice(&[0xff; 160]);
-    p
-}
-
-/// RTP packets of `ssrc` received until the socket stays quiet for 300 ms.
-async fn count_rtp(s: &UdpSocket, ssrc: u32) -> usize {
-    let mut buf = [0u8; 2048];
-    let mut n = 0;
-    while let Ok(Ok((len, _))) =
-        tokio::time::timeout(Duration::from_millis(300), s.recv_from(&mut buf)).await
-    {
-        if len >= 12 && buf[8..12] == ssrc.to_be_bytes() {
-            n += 1;
-        }
-    }
-    n
 }

@@ -5,11 +5,11 @@
 //! cleanly (503) and recovers.
 
 use sbc_sip::Transport;
+use sbc_tests::net::{count_rtp, free_udp, send_rtp};
 use sbc_tests::pbx::{Pbx, PbxConfig};
 use sbc_tests::phone::{Phone, PhoneConfig};
 use sbc_tests::trunk::Trunk;
 use sbc_tests::ua::{sdp_media_addr, InviteOpts};
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 use tokio::net::UdpSocket;
@@ -18,11 +18,6 @@ struct Lab {
     sbc: sbc::Sbc,
     pbx: Pbx,
     trunk: Trunk,
-}
-
-fn free_udp(ip: &str) -> SocketAddr {
-    let s = std::net::UdpSocket::bind(format!("{ip}:0")).expect("bind");
-    s.local_addr().expect("addr")
 }
 
 /// An SBC whose relay uses `ports` (below the ephemeral range, a range per test so tests in
@@ -79,38 +74,6 @@ async fn alice(lab: &Lab) -> Phone {
     let p = Phone::new(c).await.expect("phone");
     assert_eq!(p.register(300).await.expect("reg").status(), Some(200));
     p
-}
-
-fn rtp(seq: u16, ssrc: u32) -> Vec<u8> {
-    let mut p = vec![0x80, 0x00];
-    p.extend_from_slice(&seq.to_be_bytes());
-    p.extend_from_slice(&(u32::from(seq) * 160).to_be_bytes());
-    p.extend_from_slice(&ssrc.to_be_bytes());
-    p.extend_from_slice(&[0xd5; 160]);
-    p
-}
-
-/// Packets of `ssrc` received on `s` until it stays quiet for 300 ms.
-async fn count_rtp(s: &UdpSocket, ssrc: u32) -> usize {
-    let mut buf = [0u8; 2048];
-    let mut n = 0;
-    while let Ok(Ok((len, _))) =
-        tokio::time::timeout(Duration::from_millis(300), s.recv_from(&mut buf)).await
-    {
-        if len >= 12 && buf[8..12] == ssrc.to_be_bytes() {
-            n += 1;
-        }
-    }
-    n
-}
-
-async fn send_rtp(s: &UdpSocket, to: SocketAddr, ssrc: u32, n: u16) {
-    for seq in 0..n {
-        s.send_to(&rtp(seq, ssrc), to).await.expect("send rtp");
-        if seq % 10 == 9 {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,6 +17,7 @@
 //! routes it back through the SBC to `carrier.test`, trunk `carrier-out` (127.0.0.21), a
 //! stateless callee answering at once; each call is hung up at once.
 
+use sbc_tests::net::free_udp;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -34,11 +35,6 @@ use sbc_tests::trunk::Trunk;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-fn free_udp(ip: &str) -> SocketAddr {
-    let s = std::net::UdpSocket::bind(format!("{ip}:0")).expect("bind");
-    s.local_addr().expect("addr")
-}
 
 static RIGS: AtomicU32 = AtomicU32::new(0);
 
