@@ -730,7 +730,17 @@ impl Proxy {
                 if let Some(f) = tx.failover.as_ref() {
                     self.observe(f.nodes[f.pos].0, outcome);
                 }
+                // A phone's TCP/TLS flow (named by a flow token) that has closed: RFC 5626
+                // 5.3 wants 430 Flow Failed at once, so the registrar drops that binding and
+                // the caller hears now, not after a timeout.
+                let flow_failed = tx
+                    .branch
+                    .as_ref()
+                    .is_some_and(|b| matches!(&b.dest, Dest::Flow(f) if f.transport.is_reliable()));
                 match outcome {
+                    NodeOutcome::TransportError if flow_failed => {
+                        self.local_final(tx, 430, "Flow Failed", now)
+                    }
                     NodeOutcome::TransportError => {
                         self.local_final(tx, 503, "Service Unavailable", now)
                     }

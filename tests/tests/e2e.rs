@@ -309,3 +309,24 @@ async fn lost_responses_are_retransmitted_over_udp() {
     assert_eq!(bye.expect("bye").status(), Some(200));
     lab.sbc.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_to_a_phone_whose_tcp_flow_closed_fails_at_once_with_430() {
+    let lab = lab("127.0.0.35").await;
+    let alice = phone(&lab, "alice", "a-secret", Transport::Udp, None).await;
+    let bob = phone(&lab, "bob", "b-secret", Transport::Tcp, None).await;
+    alice.register(300).await.expect("reg");
+    bob.register(300).await.expect("reg");
+    // bob's connection drops; the PBX still holds his binding (with the SBC's Path).
+    bob.endpoint().close_wait().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t = std::time::Instant::now();
+    let call = alice.invite("sip:bob@pbx.test").await.expect("answer");
+    assert_eq!(call.final_status, 430, "RFC 5626 5.3: Flow Failed");
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "answered at once, not after a timeout: {:?}",
+        t.elapsed()
+    );
+    lab.sbc.shutdown();
+}
