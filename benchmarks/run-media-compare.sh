@@ -27,7 +27,9 @@
 #   STREAMS ["100 1000"]     stream counts (even; calls = streams / 2)
 #   PPS [50]                 packets/s per stream (20 ms PCMU)
 #   TICK_US [1000]           generator pacing tick
-#   RELAYS ["direct sbc rtpengine"]
+#   RELAYS ["direct sbc rtpengine"]  (add sbc-base to also run BASE_BIN's relay-host)
+#   BASE_BIN []              a media-bench binary of another build (e.g. before a relay
+#                            change), run as relay "sbc-base" in the same rounds
 #   SBC_WORKERS [1]          forwarding threads of our relay (it has one core)
 #   RTPE_THREADS [1]         rtpengine --num-threads (it has one core)
 #   NG_PORT [22222]          rtpengine --listen-ng port on 127.0.0.1
@@ -61,6 +63,7 @@ RT_PRIO=${RT_PRIO:-10}
 MAX_LOAD=${MAX_LOAD:-2.5}
 LOAD_WAIT=${LOAD_WAIT:-60}
 SKIP_BUILD=${SKIP_BUILD:-0}
+BASE_BIN=${BASE_BIN:-}
 BIN_FROM=${BIN_FROM:-${CARGO_TARGET_DIR:-target}/release}
 OUT=${OUT:-target/bench-results/media-compare-$(date +%Y%m%d-%H%M%S)}
 
@@ -82,6 +85,12 @@ OUT=$(cd "$OUT" && pwd)
 # A private copy: others may rebuild the target directory while this runs.
 cp "$BIN_FROM/media-bench" "$OUT/bin/"
 MB=$OUT/bin/media-bench
+case " $RELAYS " in
+  *" sbc-base "*)
+    [ -x "$BASE_BIN" ] || { echo "RELAYS has sbc-base: set BASE_BIN to a media-bench binary"; exit 1; }
+    cp "$BASE_BIN" "$OUT/bin/media-bench-base"
+    ;;
+esac
 
 # --- process handling: only what this script started is ever killed -----------------------
 RELAY_PID=""
@@ -144,8 +153,10 @@ one_run() { # relay streams run
       "${RT[@]}" taskset -c 0 "$MB" gen --direct --calls "$calls" "${gen_args[@]}" --label "$name" \
         --json "$OUT/$name.json" >"$OUT/$name.txt" 2>&1 || { cat "$OUT/$name.txt"; exit 1; }
       ;;
-    sbc)
-      "${RT[@]}" taskset -c 1 "$MB" relay-host --calls "$calls" --peer-base "$PEER_BASE" \
+    sbc | sbc-base)
+      local host=$MB
+      [ "$relay" = sbc-base ] && host=$OUT/bin/media-bench-base
+      "${RT[@]}" taskset -c 1 "$host" relay-host --calls "$calls" --peer-base "$PEER_BASE" \
         --workers "$SBC_WORKERS" --map-out "$map" --max-seconds $((DURATION + WARMUP + 120)) \
         2>"$OUT/$name.log" &
       RELAY_PID=$!
@@ -179,6 +190,7 @@ one_run() { # relay streams run
   echo "date: $(date -Is)"
   echo "git: $(git rev-parse HEAD 2>/dev/null) $(git diff --quiet HEAD -- media-relay benchmarks 2>/dev/null || echo '(media-relay/benchmarks with uncommitted changes)')"
   echo "media-bench md5: $(md5sum "$MB" | cut -c1-32)"
+  [ -n "$BASE_BIN" ] && echo "sbc-base: $BASE_BIN md5 $(md5sum "$BASE_BIN" | cut -c1-32)"
   echo "kernel: $(uname -r)"
   echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-) x $(nproc)"
   echo "rtpengine: $(rtpengine --version 2>&1 | head -1)"

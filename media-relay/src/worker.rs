@@ -31,7 +31,7 @@ const NO_PARTNER: u32 = u32::MAX;
 const ROUNDS_PER_EVENT: usize = 4;
 const EVENTS: usize = 256;
 /// Sockets found ready in one pass for the worker to switch to polling (see `run`).
-const COALESCE_MIN_READY: usize = 8;
+const COALESCE_MIN_READY: usize = 4;
 
 /// Identifies one socket of a call: media line, leg (0 = first offerer), RTP or RTCP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
