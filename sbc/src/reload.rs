@@ -262,6 +262,9 @@ impl Reloader {
                 .ignore_failures(renumbered, Instant::now() + transaction_lifetime(&running));
         }
         self.health.reload(&loaded);
+        if let Some(limiter) = self.proxy.limiter() {
+            limiter.reconfigure(&effective, &routes);
+        }
         self.proxy.set_routes(routes);
         let mut expiries = Vec::new();
         for (i, key, path) in certs {
@@ -376,6 +379,9 @@ fn effective(running: &Config, new: &Config) -> Config {
     e.pools = new.pools.clone();
     e.trunks = new.trunks.clone();
     e.phones = new.phones.clone();
+    // Rates, bursts, block time, scanners, exemptions: the limiter takes new settings in place
+    // and keeps what it knows of each source (its buckets, its blocks).
+    e.ratelimit = new.ratelimit.clone();
     e.listen = running
         .listen
         .iter()
@@ -746,6 +752,11 @@ mod tests {
             restart_required(&effective(&e, &new), &new, &trust),
             ["timers"]
         );
+        // Rate limits apply at once too.
+        let limited = parse("[ratelimit]\ndrop_scanners = false\n");
+        let e = effective(&running, &limited);
+        assert_eq!(e.ratelimit, limited.ratelimit);
+        assert!(restart_required(&e, &limited, &trust).is_empty());
         // A routing-only change needs nothing.
         let same = parse(
             "[[trunk]]\nname = \"t\"\nsources = [\"127.0.0.9\"]\naddress = \"127.0.0.9:5061\"\n",
