@@ -43,6 +43,12 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Whether the outcome says anything about the node's health at all: failures, and a
+    /// slow start (which only makes it Suspect). A plain answer proves nothing new.
+    pub fn is_evidence(self) -> bool {
+        self.is_failure() || self == Outcome::Slow
+    }
+
     /// Whether this counts against the node: timeouts, transport errors and
     /// 503 (the node saying it cannot serve). Any other answer proves the
     /// node is there.
@@ -266,7 +272,7 @@ impl HealthMonitor {
     /// (see [`Outcome::is_failure`]). Successes take no lock: they do not
     /// change health (probes decide recovery).
     pub fn observe(&self, node: usize, outcome: Outcome) {
-        if !outcome.is_failure() && outcome != Outcome::Slow {
+        if !outcome.is_evidence() {
             return;
         }
         let shared = self.shared();

@@ -51,6 +51,12 @@ impl CallKey {
     pub fn call_id(&self) -> &str {
         self.0.split('\u{0}').next().unwrap_or_default()
     }
+
+    /// The discriminator of [`CallKey::with_discriminator`], if any, so a caller that keys
+    /// passes apart can tell which pass an event names without keeping a second map.
+    pub fn discriminator(&self) -> Option<&str> {
+        self.0.split_once('\u{0}').map(|(_, d)| d)
+    }
 }
 
 impl fmt::Debug for CallKey {
@@ -503,6 +509,12 @@ impl Relay {
         self.wait_applied(applied, call);
         tracing::debug!(call = %call, "media deleted");
         true
+    }
+
+    /// Whether a call exists and has seen an answer: what the SIP side asks on every final
+    /// response, without the per-stream snapshot [`Relay::stats`] builds.
+    pub fn answered(&self, call: &CallKey) -> Option<bool> {
+        self.shared.sessions.lock().get(call).map(|s| s.answered)
     }
 
     /// A snapshot of a call's legs and streams; `None` for an unknown call.

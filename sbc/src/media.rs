@@ -238,12 +238,7 @@ impl MediaAnchor {
         let initial = method == Method::Invite && request.to_tag().is_none();
         if status >= 300 {
             if initial {
-                let (key, side) = self.key(call_id, from_tag, req_in, req_out, false);
-                // A fork may already have answered (early media on another branch is not a
-                // dialog here: one branch per transaction); only a call never answered goes.
-                if self.relay.stats(&key).is_some_and(|s| !s.answered) {
-                    self.release(call_id, &key, side);
-                }
+                self.release_unanswered(call_id, from_tag, req_in, req_out);
             }
             return MediaAction::Pass;
         }
@@ -290,7 +285,7 @@ impl MediaAnchor {
         let cid = String::from_utf8_lossy(request.call_id());
         let from_tag = request.from_tag().unwrap_or_default();
         let (key, _) = self.key(cid.as_bytes(), from_tag, req_in, req_out, false);
-        if self.relay.stats(&key).is_some() {
+        if self.relay.answered(&key).is_some() {
             self.dialogs.lock().insert(key, Arc::new(info));
         }
     }
@@ -307,12 +302,22 @@ impl MediaAnchor {
 
     /// The relay ended a call by itself (media timeout): forget it.
     pub fn forget(&self, key: &CallKey) {
-        let side = if key.to_string().ends_with("#i") {
+        let side = if key.discriminator() == Some(INTERNAL_PASS) {
             Side::Internal
         } else {
             Side::Public
         };
         self.release(key.call_id().as_bytes(), key, side);
+    }
+
+    /// A dialog-creating INVITE ended without an answer: its pass frees its ports now. A
+    /// fork may already have answered (one branch per transaction here), so only a call the
+    /// relay never saw answered goes.
+    fn release_unanswered(&self, call_id: &[u8], from_tag: &[u8], req_in: Side, req_out: Side) {
+        let (key, side) = self.key(call_id, from_tag, req_in, req_out, false);
+        if self.relay.answered(&key) == Some(false) {
+            self.release(call_id, &key, side);
+        }
     }
 
     /// Call-IDs remembered (a soak test checks this returns to zero).
@@ -321,12 +326,15 @@ impl MediaAnchor {
     }
 }
 
+const PUBLIC_PASS: &str = "p";
+const INTERNAL_PASS: &str = "i";
+
 fn pass_key(call_id: &[u8], caller_side: Side) -> CallKey {
     CallKey::with_discriminator(
         &String::from_utf8_lossy(call_id),
         match caller_side {
-            Side::Public => "p",
-            Side::Internal => "i",
+            Side::Public => PUBLIC_PASS,
+            Side::Internal => INTERNAL_PASS,
         },
     )
 }
@@ -340,12 +348,8 @@ impl MediaAnchor {
             return;
         }
         let cid = String::from_utf8_lossy(request.call_id());
-        let call_id = cid.as_bytes();
         let from_tag = request.from_tag().unwrap_or_default();
-        let (key, side) = self.key(call_id, from_tag, req_in, req_out, false);
-        if self.relay.stats(&key).is_some_and(|s| !s.answered) {
-            self.release(call_id, &key, side);
-        }
+        self.release_unanswered(cid.as_bytes(), from_tag, req_in, req_out);
     }
 }
 

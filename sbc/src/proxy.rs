@@ -82,6 +82,9 @@ struct Branch {
     /// The request as forwarded (for ACK and CANCEL construction).
     out: Bytes,
     cancel: Option<(ClientTransaction, TxKey)>,
+    /// Record-Route entries the forwarded request gained from us (0, 1, or 2 when the
+    /// transport or interface changes): where our entries sit in a 2xx's Record-Route.
+    record_routes: u8,
 }
 
 /// What a transaction sent to a PBX node came to; live traffic is health evidence too.
@@ -250,7 +253,7 @@ impl Proxy {
     fn dialog_info(
         &self,
         request: &Message,
-        forwarded: &Message,
+        ours: usize,
         ok: &Message,
         caller_flow: Flow,
         callee_dest: &Dest,
@@ -270,10 +273,6 @@ impl Proxy {
             .map(|(_, v)| text(sbc_sip::scan::trim(v)))
             .collect();
         let below = request.values(HeaderName::RecordRoute).count();
-        let ours = forwarded
-            .values(HeaderName::RecordRoute)
-            .count()
-            .checked_sub(below)?;
         let above = rr.len().checked_sub(below + ours)?;
         let routes_to_callee = rr[..above].iter().rev().cloned().collect();
         let routes_to_caller = rr[above + ours..].to_vec();
@@ -490,7 +489,7 @@ impl Proxy {
         let Some(via) = tx.request.top_via() else {
             return false;
         };
-        let Some((bytes, branch)) = self.forward(
+        let Some((bytes, branch, record_routes)) = self.forward(
             &tx.request,
             &tx.in_flow,
             &dest,
@@ -516,6 +515,7 @@ impl Proxy {
             dest,
             out: bytes,
             cancel: None,
+            record_routes,
         });
         client_idx.insert(key, id);
         if let Some(f) = tx.failover.as_mut() {
@@ -931,7 +931,7 @@ impl Proxy {
                                 _ => None,
                             }
                         });
-                    if let Some((bytes, _)) =
+                    if let Some((bytes, _, _)) =
                         self.forward(&msg, &inb.flow, &dest, public_flow, &via, body.as_deref())
                     {
                         out.push((dest, bytes));
@@ -1115,7 +1115,7 @@ impl Proxy {
             }
             media_sides = Some(sides);
         }
-        let Some((bytes, out_branch)) = self.forward(
+        let Some((bytes, out_branch, record_routes)) = self.forward(
             &msg,
             &inb.flow,
             &dest,
@@ -1168,6 +1168,7 @@ impl Proxy {
                 dest,
                 out: bytes,
                 cancel: None,
+                record_routes,
             }),
             final_sent: false,
             cancel_pending: false,
@@ -1555,7 +1556,7 @@ impl Proxy {
         public_flow: Option<Flow>,
         via: &sbc_sip::via::Via<'_>,
         body: Option<&[u8]>,
-    ) -> Option<(Bytes, Box<[u8]>)> {
+    ) -> Option<(Bytes, Box<[u8]>, u8)> {
         let method = msg.method().unwrap_or(Method::Other);
         let (out_transport, remote) = match dest {
             Dest::Flow(f) => (f.transport, f.remote),
@@ -1621,9 +1622,11 @@ impl Proxy {
             }
             _ => String::new(),
         };
+        let mut record_routes = 0;
         if dialog_creating {
             let at = edit::top_insert_point(msg, HeaderName::RecordRoute);
             if out_l.transport == in_l.transport && out_l.addr == in_l.addr {
+                record_routes = 1;
                 e.insert_fmt(
                     at,
                     format_args!(
@@ -1636,6 +1639,7 @@ impl Proxy {
             } else {
                 // Two entries when the transport or interface changes (RFC 3261 16.6 step 4,
                 // the "double Record-Route" of RFC 5658).
+                record_routes = 2;
                 e.insert_fmt(
                     at,
                     format_args!(
@@ -1675,6 +1679,7 @@ impl Proxy {
         Some((
             Bytes::from(e.apply(msg.as_bytes())),
             branch.into_bytes().into_boxed_slice(),
+            record_routes,
         ))
     }
 
@@ -1791,11 +1796,12 @@ impl Proxy {
                         && tx.method == Method::Invite
                         && tx.request.to_tag().is_none()
                     {
-                        let sent = tx.branch.as_ref().and_then(|b| {
-                            Some((b.dest.clone(), Message::parse(b.out.clone()).ok()?))
-                        });
-                        if let Some(info) = sent.and_then(|(d, fwd)| {
-                            self.dialog_info(&tx.request, &fwd, &msg, tx.in_flow, &d)
+                        let sent = tx
+                            .branch
+                            .as_ref()
+                            .map(|b| (b.dest.clone(), usize::from(b.record_routes)));
+                        if let Some(info) = sent.and_then(|(d, ours)| {
+                            self.dialog_info(&tx.request, ours, &msg, tx.in_flow, &d)
                         }) {
                             m.record_dialog(&tx.request, si, so, info);
                         }

@@ -368,7 +368,7 @@ impl NodeSelector for HealthSelector {
             NodeOutcome::TransportError => Outcome::TransportError,
             NodeOutcome::Slow => Outcome::Slow,
         };
-        if !outcome.is_failure() && outcome != Outcome::Slow {
+        if !outcome.is_evidence() {
             return;
         }
         if let Some((until, nodes)) = &*self.renumbered.read() {

@@ -9,7 +9,7 @@ use sbc_tests::net::{count_rtp, free_udp, send_rtp};
 use sbc_tests::pbx::{Pbx, PbxConfig};
 use sbc_tests::phone::{Phone, PhoneConfig};
 use sbc_tests::trunk::Trunk;
-use sbc_tests::ua::{sdp_media_addr, InviteOpts};
+use sbc_tests::ua::{sdp_media_addr, Call, IncomingCall, InviteOpts};
 use std::path::Path;
 use std::time::Duration;
 use tokio::net::UdpSocket;
@@ -76,12 +76,16 @@ async fn alice(lab: &Lab) -> Phone {
     p
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn phone_to_trunk_call_relays_rtp_and_hides_the_phone() {
-    let lab = lab("127.0.0.40", (20000, 20099), 60).await;
-    let alice = alice(&lab).await;
+/// alice calls `target` (a trunk number), with `opts`; the trunk answers 200. Returns
+/// alice's call, the INVITE as the trunk saw it, and the trunk's side of the dialog.
+async fn call_trunk(
+    lab: &Lab,
+    alice: &Phone,
+    target: &str,
+    opts: InviteOpts,
+) -> (Call, IncomingCall, Call) {
     let trunk = &lab.trunk;
-    let (call, inc) = tokio::join!(alice.invite("sip:95551234@pbx.test"), async {
+    let (call, answered) = tokio::join!(alice.invite_with(target, opts), async {
         let inc = trunk
             .wait_invite(Duration::from_secs(3))
             .await
@@ -89,9 +93,18 @@ async fn phone_to_trunk_call_relays_rtp_and_hides_the_phone() {
         let c = trunk.answer(&inc, 200).await.expect("answer");
         (inc, c)
     });
-    let mut call = call.expect("call");
+    let (inc, tcall) = answered;
+    (call.expect("call"), inc, tcall)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn phone_to_trunk_call_relays_rtp_and_hides_the_phone() {
+    let lab = lab("127.0.0.40", (20000, 20099), 60).await;
+    let alice = alice(&lab).await;
+    let trunk = &lab.trunk;
+    let (mut call, inc, tcall) =
+        call_trunk(&lab, &alice, "sip:95551234@pbx.test", InviteOpts::default()).await;
     assert_eq!(call.final_status, 200);
-    let (inc, tcall) = inc;
 
     // Each end is offered the relay, never the other end.
     let alice_media = alice.media_addr();
@@ -174,15 +187,7 @@ async fn natted_phone_is_latched_to_where_its_rtp_comes_from() {
         sdp: Some(sdp),
         ..Default::default()
     };
-    let (call, inc) = tokio::join!(alice.invite_with("sip:95551234@pbx.test", opts), async {
-        let inc = trunk
-            .wait_invite(Duration::from_secs(3))
-            .await
-            .expect("INVITE");
-        trunk.answer(&inc, 200).await.expect("answer");
-        inc
-    });
-    let call = call.expect("call");
+    let (call, inc, _) = call_trunk(&lab, &alice, "sip:95551234@pbx.test", opts).await;
     let at_alice = call.remote_media().expect("SDP");
     let at_trunk = sdp_media_addr(inc.invite.body()).expect("SDP");
 
@@ -212,14 +217,9 @@ async fn silent_call_times_out_and_frees_its_ports() {
     let lab = lab("127.0.0.42", (20200, 20299), 1).await;
     let alice = alice(&lab).await;
     let trunk = &lab.trunk;
-    let (call, _) = tokio::join!(alice.invite("sip:95551234@pbx.test"), async {
-        let inc = trunk
-            .wait_invite(Duration::from_secs(3))
-            .await
-            .expect("INVITE");
-        trunk.answer(&inc, 200).await.expect("answer")
-    });
-    assert_eq!(call.expect("call").final_status, 200);
+    let (call, _, _) =
+        call_trunk(&lab, &alice, "sip:95551234@pbx.test", InviteOpts::default()).await;
+    assert_eq!(call.final_status, 200);
     let media = lab.sbc.proxy.media().expect("media");
     assert_eq!(media.sessions(), 2);
     assert_eq!(media.dialogs(), 2, "both passes' dialogs recorded");
@@ -249,15 +249,9 @@ async fn exhausted_port_range_answers_503_and_recovers() {
     let lab = lab("127.0.0.43", (20300, 20307), 60).await;
     let alice = alice(&lab).await;
     let trunk = &lab.trunk;
-    let (call, inc) = tokio::join!(alice.invite("sip:95551234@pbx.test"), async {
-        let inc = trunk
-            .wait_invite(Duration::from_secs(3))
-            .await
-            .expect("INVITE");
-        trunk.answer(&inc, 200).await.expect("answer")
-    });
-    assert_eq!(call.expect("first call").final_status, 200);
-    let tcall = inc;
+    let (call, _, tcall) =
+        call_trunk(&lab, &alice, "sip:95551234@pbx.test", InviteOpts::default()).await;
+    assert_eq!(call.final_status, 200, "first call");
 
     // No ports left: the next call is refused with 503, nothing crashes, nothing leaks.
     let second = alice.invite("sip:95550000@pbx.test").await.expect("answer");
@@ -273,13 +267,8 @@ async fn exhausted_port_range_answers_503_and_recovers() {
     assert_eq!(media.sessions(), 0);
 
     // Ports are back: a new call works.
-    let (call, _) = tokio::join!(alice.invite("sip:95551111@pbx.test"), async {
-        let inc = trunk
-            .wait_invite(Duration::from_secs(3))
-            .await
-            .expect("INVITE");
-        trunk.answer(&inc, 200).await.expect("answer")
-    });
-    assert_eq!(call.expect("third call").final_status, 200);
+    let (call, _, _) =
+        call_trunk(&lab, &alice, "sip:95551111@pbx.test", InviteOpts::default()).await;
+    assert_eq!(call.final_status, 200, "third call");
     lab.sbc.shutdown();
 }
