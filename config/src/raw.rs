@@ -93,6 +93,7 @@ pub(crate) struct RawPool {
     pub failback_hold_secs: Option<Int>,
     pub branch_timeout_ms: Option<Int>,
     pub suspect_after_ms: Option<Int>,
+    pub shadow_registration: Option<Bool>,
     pub probe: Option<RawProbe>,
     #[serde(default)]
     pub node: Vec<RawNode>,
@@ -157,6 +158,9 @@ pub(crate) struct RawPhones {
     pub domains: Option<TextList>,
     pub pool: Option<Text>,
     pub sources: Option<TextList>,
+    pub expires_secs: Option<Int>,
+    pub expires_spread_percent: Option<Int>,
+    pub reregister_rate: Option<Int>,
 }
 
 #[derive(Debug, Default, Deserialize)]

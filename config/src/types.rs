@@ -454,6 +454,12 @@ pub struct Pool {
     /// 250 ms). It counts no failure: only probes and real failures bring a
     /// node Down.
     pub suspect_after: Option<Duration>,
+    /// After each successful registration on the active node, register the
+    /// same contact (with its Path) on the other nodes too, so calls to the
+    /// phone work on a standby the moment it becomes active
+    /// (`shadow_registration`, default false). Only for standbys that trust
+    /// the SBC by source address: the SBC holds no phone credentials.
+    pub shadow_registration: bool,
     /// How the pool's nodes are probed (`[pool.probe]`).
     pub probe: Probe,
     /// HTTP requests fired on failover and failback (`[[pool.webhook]]`),
@@ -798,6 +804,22 @@ pub struct Phones {
     pub pool: String,
     /// Source networks phones may connect from (default: any IPv4 or IPv6).
     pub sources: Vec<IpNet>,
+    /// Split expiry: the registration lifetime handed to phones, whatever
+    /// the PBX granted (`expires_secs`, 0 = off, else 10..=86400, default
+    /// 120 s). Phones then refresh often (keeping NAT bindings open and
+    /// moving to a new active node within this time after a failover), while
+    /// the SBC answers those refreshes itself and forwards one to the PBX
+    /// only when the PBX's binding nears its end or something changed.
+    pub expires: Option<Duration>,
+    /// Random spread of [`Phones::expires`], in percent either way
+    /// (`expires_spread_percent`, 0..=50, default 10), so phones that
+    /// registered together do not refresh together.
+    pub expires_spread_percent: u32,
+    /// After a failover, TCP/TLS phones registered on the old node have
+    /// their flow closed so they re-register at once (RFC 5626): this many
+    /// flows per second at most, so the standby is not stormed
+    /// (`reregister_rate`, 0 = off, default 50).
+    pub reregister_rate: u32,
 }
 
 impl Default for Phones {
@@ -807,6 +829,9 @@ impl Default for Phones {
             pool: String::new(),
             // Ipv4Net/Ipv6Net default to 0.0.0.0/0 and ::/0.
             sources: vec![IpNet::V4(Ipv4Net::default()), IpNet::V6(Ipv6Net::default())],
+            expires: Some(Duration::from_secs(120)),
+            expires_spread_percent: 10,
+            reregister_rate: 50,
         }
     }
 }

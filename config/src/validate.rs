@@ -617,6 +617,7 @@ impl Ctx<'_> {
                         .push_str(" (suspect_after_ms must stay below branch_timeout_ms)");
                     e
                 })?;
+            let shadow_registration = p.shadow_registration.as_ref().is_some_and(|b| *b.get_ref());
             let probe = self.probe(p.probe.as_ref(), &format!("{path}.probe"))?;
             let webhooks = p
                 .webhook
@@ -631,6 +632,7 @@ impl Ctx<'_> {
                 failback_hold: Duration::from_secs(failback_hold),
                 branch_timeout: Duration::from_millis(branch_timeout),
                 suspect_after: (suspect_after > 0).then(|| Duration::from_millis(suspect_after)),
+                shadow_registration,
                 probe,
                 webhooks,
             });
@@ -1106,10 +1108,44 @@ impl Ctx<'_> {
                 )),
                 Some(list) => self.sources(list, "phones.sources")?,
             };
+        let d = Phones::default();
+        let expires = self.int(
+            raw.expires_secs.as_ref(),
+            "phones.expires_secs",
+            0..=86_400,
+            120,
+            "seconds (0 turns split expiry off)",
+        )?;
+        if (1..10).contains(&expires) {
+            if let Some(v) = &raw.expires_secs {
+                return Err(self.at(
+                    v.span(),
+                    "phones.expires_secs",
+                    "must be 0 (off) or at least 10 seconds",
+                ));
+            }
+        }
+        let spread = self.int(
+            raw.expires_spread_percent.as_ref(),
+            "phones.expires_spread_percent",
+            0..=50,
+            u64::from(d.expires_spread_percent),
+            "percent",
+        )?;
+        let rate = self.int(
+            raw.reregister_rate.as_ref(),
+            "phones.reregister_rate",
+            0..=100_000,
+            u64::from(d.reregister_rate),
+            "flows per second",
+        )?;
         Ok(Phones {
             domains,
             pool,
             sources,
+            expires: (expires > 0).then(|| Duration::from_secs(expires)),
+            expires_spread_percent: u32::try_from(spread).unwrap_or(10),
+            reregister_rate: u32::try_from(rate).unwrap_or(50),
         })
     }
 

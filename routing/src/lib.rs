@@ -49,6 +49,8 @@ pub struct PoolRoute {
     /// How long a new INVITE/REGISTER may go without any response before its node is made
     /// Suspect (new transactions then try the next ready node first); `None` = never.
     pub suspect_after: Option<std::time::Duration>,
+    /// Register phones on the other nodes too (see `sbc_config::Pool::shadow_registration`).
+    pub shadow_registration: bool,
 }
 
 /// Who sent a request, decided by source address alone (RFC 3261 gives no better
@@ -72,6 +74,10 @@ pub struct RouteTable {
     /// Lowercase phone domains; empty = any.
     pub phone_domains: Vec<String>,
     pub phone_sources: Vec<IpNet>,
+    /// Split expiry and the re-registration wave (see `sbc_config::Phones`).
+    pub phone_expires: Option<std::time::Duration>,
+    pub phone_expires_spread_percent: u32,
+    pub reregister_rate: u32,
 }
 
 impl RouteTable {
@@ -98,6 +104,7 @@ impl RouteTable {
                 nodes: idx,
                 branch_timeout: p.branch_timeout,
                 suspect_after: p.suspect_after,
+                shadow_registration: p.shadow_registration,
             });
         }
         let trunks = cfg
@@ -125,6 +132,9 @@ impl RouteTable {
                 .map(|d| d.to_ascii_lowercase())
                 .collect(),
             phone_sources: cfg.phones.sources.clone(),
+            phone_expires: cfg.phones.expires,
+            phone_expires_spread_percent: cfg.phones.expires_spread_percent,
+            reregister_rate: cfg.phones.reregister_rate,
         }
     }
 

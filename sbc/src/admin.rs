@@ -276,6 +276,53 @@ pub struct StatusReport {
     pub calls: usize,
     /// Media relay sessions (not tracked yet: 0).
     pub media_sessions: usize,
+    /// The registration cache and how phones follow a failover.
+    #[serde(default)]
+    pub registration: RegistrationReport,
+}
+
+/// The registration cache in [`StatusReport`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RegistrationReport {
+    /// Bindings phones keep fresh.
+    pub live: usize,
+    /// The phone pool's active node.
+    pub active: Option<String>,
+    /// Of the live bindings, those the active node can reach (directly or by a shadow).
+    pub on_active: usize,
+    /// Live bindings with a live shadow registration on another node.
+    pub shadowed: usize,
+    /// Seconds since the active node last changed, if it did since start.
+    pub since_failover_seconds: Option<f64>,
+    /// After that change: seconds until 50%, 95% and 100% of the phones were reachable on
+    /// the new active node.
+    pub to_50_seconds: Option<f64>,
+    pub to_95_seconds: Option<f64>,
+    pub to_100_seconds: Option<f64>,
+    /// TCP/TLS flows the re-registration wave closed since then.
+    pub wave_closed: u64,
+}
+
+/// One binding in `GET /registrations`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BindingReport {
+    pub aor: String,
+    pub contact: String,
+    pub flow: String,
+    /// The node that granted the binding.
+    pub node: Option<String>,
+    pub pbx_expires_in: u64,
+    pub phone_expires_in: u64,
+    /// Shadow registrations: node, seconds left (None until granted), last status.
+    pub shadows: Vec<ShadowReport>,
+}
+
+/// A shadow registration in [`BindingReport`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShadowReport {
+    pub node: String,
+    pub expires_in: Option<u64>,
+    pub last_status: u16,
 }
 
 /// A pool in [`StatusReport`].
@@ -357,7 +404,55 @@ impl State {
             connections: ctx.transports.connection_count(),
             calls: ctx.proxy.media().map_or(0, |m| m.dialogs()),
             media_sessions: ctx.proxy.media().map_or(0, |m| m.sessions()),
+            registration: {
+                let p = ctx.proxy.rereg.progress();
+                RegistrationReport {
+                    live: p.live,
+                    active: p.active,
+                    on_active: p.on_active,
+                    shadowed: p.shadowed,
+                    since_failover_seconds: p.since_failover_secs,
+                    to_50_seconds: p.to_50_secs,
+                    to_95_seconds: p.to_95_secs,
+                    to_100_seconds: p.to_100_secs,
+                    wave_closed: p.wave_closed,
+                }
+            },
         }
+    }
+
+    /// `GET /registrations[?limit=N]`: the cached bindings (at most N, default 1000).
+    fn registrations(&self, query: &str) -> Reply {
+        let limit = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("limit="))
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(1000);
+        let list: Vec<BindingReport> = self
+            .ctx
+            .proxy
+            .registrations
+            .view(limit, std::time::Instant::now())
+            .into_iter()
+            .map(|b| BindingReport {
+                aor: b.aor,
+                contact: b.contact,
+                flow: b.flow,
+                node: b.node,
+                pbx_expires_in: b.pbx_expires_in,
+                phone_expires_in: b.phone_expires_in,
+                shadows: b
+                    .shadows
+                    .into_iter()
+                    .map(|(node, expires_in, last_status)| ShadowReport {
+                        node,
+                        expires_in,
+                        last_status,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Reply::json(StatusCode::OK, &list)
     }
 
     fn pool(&self, name: &str) -> Result<(usize, PoolStatus), Reply> {
@@ -488,6 +583,7 @@ async fn route(state: &State, req: Request<Incoming>) -> Result<Reply, Reply> {
     let (allow, target) = match segments.as_slice() {
         ["metrics"] => ("GET", Route::Metrics),
         ["status"] => ("GET", Route::Status),
+        ["registrations"] => ("GET", Route::Registrations),
         ["reload"] => ("POST", Route::Reload),
         ["pools", pool, "failover"] => ("POST", Route::Failover(pool)),
         ["pools", pool, "failback"] => ("POST", Route::Failback(pool)),
@@ -496,7 +592,7 @@ async fn route(state: &State, req: Request<Incoming>) -> Result<Reply, Reply> {
             return Err(Reply::error(
                 StatusCode::NOT_FOUND,
                 format!(
-                    "no such endpoint {path}; try GET /status, GET /metrics, POST /pools/{{pool}}/failover, POST /pools/{{pool}}/failback, POST /nodes/{{node}}/maintenance, POST /reload"
+                    "no such endpoint {path}; try GET /status, GET /registrations, GET /metrics, POST /pools/{{pool}}/failover, POST /pools/{{pool}}/failback, POST /nodes/{{node}}/maintenance, POST /reload"
                 ),
             ))
         }
@@ -512,6 +608,7 @@ async fn route(state: &State, req: Request<Incoming>) -> Result<Reply, Reply> {
     match target {
         Route::Metrics => Ok(metrics(state)),
         Route::Status => Ok(Reply::json(StatusCode::OK, &state.status())),
+        Route::Registrations => Ok(state.registrations(&query)),
         Route::Reload => reload(state).await,
         Route::Failover(pool) => failover(state, pool, &query),
         Route::Failback(pool) => failback(state, pool),
@@ -525,6 +622,7 @@ async fn route(state: &State, req: Request<Incoming>) -> Result<Reply, Reply> {
 enum Route<'a> {
     Metrics,
     Status,
+    Registrations,
     Reload,
     Failover(&'a str),
     Failback(&'a str),

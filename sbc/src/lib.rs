@@ -21,6 +21,7 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod registrations;
 pub mod reload;
+pub mod rereg;
 pub mod server;
 pub mod timer_wheel;
 pub mod transport;

@@ -300,6 +300,21 @@ impl MediaAnchor {
         self.dialogs.lock().len()
     }
 
+    /// The phone-side flows that carry an established call: the re-registration wave after a
+    /// failover leaves them open until the call ends (closing one would cut the call's
+    /// in-dialog requests to the phone).
+    pub fn flows_in_calls(&self) -> ahash::AHashSet<Flow> {
+        let dialogs = self.dialogs.lock();
+        let mut out = ahash::AHashSet::with_capacity(dialogs.len() * 2);
+        for d in dialogs.values() {
+            out.insert(d.caller_flow);
+            if let Dest::Flow(f) = &d.callee_dest {
+                out.insert(*f);
+            }
+        }
+        out
+    }
+
     /// The relay ended a call by itself (media timeout): forget it.
     pub fn forget(&self, key: &CallKey) {
         let side = if key.discriminator() == Some(INTERNAL_PASS) {

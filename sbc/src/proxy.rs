@@ -102,6 +102,10 @@ pub enum NodeOutcome {
 pub trait NodeSelector: Send + Sync {
     fn candidates(&self, pool: usize) -> SmallVec<[usize; 4]>;
     fn observe(&self, node: usize, outcome: NodeOutcome);
+    /// The pool's active node (the one registrations belong on).
+    fn active(&self, pool: usize) -> Option<usize> {
+        self.candidates(pool).first().copied()
+    }
 }
 
 /// A new INVITE or REGISTER routed to a pool: the nodes it may still try. A node that sends
@@ -158,15 +162,6 @@ struct Core {
     next_id: u64,
 }
 
-/// Work decided under the lock and done after it.
-enum After {
-    Register {
-        flow: Flow,
-        request: Message,
-        response: Message,
-    },
-}
-
 pub struct Proxy {
     core: Mutex<Core>,
     routes: RwLock<Arc<RouteTable>>,
@@ -174,6 +169,8 @@ pub struct Proxy {
     locals: OnceLock<Vec<LocalListener>>,
     tokens: FlowTokens,
     pub registrations: Registrations,
+    /// Phones following a failover (see [`crate::rereg`]).
+    pub rereg: crate::rereg::Rereg,
     settings: ProxySettings,
     timer_wake: tokio::sync::Notify,
     selector: RwLock<Option<Arc<dyn NodeSelector>>>,
@@ -183,7 +180,7 @@ pub struct Proxy {
     limiter: OnceLock<Arc<crate::ratelimit::Limiter>>,
     /// Requests the SBC originates itself (a BYE when a call's media died), by branch: the
     /// response wakes the task that retransmits it.
-    local: Mutex<AHashMap<Box<[u8]>, tokio::sync::oneshot::Sender<u16>>>,
+    local: Mutex<AHashMap<Box<[u8]>, tokio::sync::oneshot::Sender<Message>>>,
 }
 
 /// Branch prefix of requests the SBC originates, so their responses are not stray.
@@ -230,6 +227,7 @@ impl Proxy {
             locals: OnceLock::new(),
             tokens: FlowTokens::new(settings.secret.as_deref()),
             registrations: Registrations::default(),
+            rereg: crate::rereg::Rereg::default(),
             settings,
             timer_wake: tokio::sync::Notify::new(),
             selector: RwLock::new(None),
@@ -356,6 +354,19 @@ impl Proxy {
         bytes: Bytes,
         branch: Box<[u8]>,
     ) -> Option<u16> {
+        self.run_local_msg(dest, bytes, branch)
+            .await
+            .and_then(|m| m.status())
+    }
+
+    /// As [`Proxy::run_local`], returning the final response itself (a shadow REGISTER
+    /// needs the expiry the registrar granted).
+    pub(crate) async fn run_local_msg(
+        self: Arc<Self>,
+        dest: Dest,
+        bytes: Bytes,
+        branch: Box<[u8]>,
+    ) -> Option<Message> {
         let (done, mut rx) = tokio::sync::oneshot::channel();
         self.local.lock().insert(branch.clone(), done);
         let reliable = dest_transport(&dest).is_reliable();
@@ -378,7 +389,7 @@ impl Proxy {
             }
         };
         self.local.lock().remove(&branch);
-        tracing::debug!(?status, "locally originated request done");
+        tracing::debug!(status = ?status.as_ref().and_then(|m| m.status()), "locally originated request done");
         status
     }
 
@@ -1029,6 +1040,12 @@ impl Proxy {
             Target::Forward { dest, public_flow } => (dest, public_flow),
             Target::Pool { pool, public_flow } => {
                 let routes = self.routes.read().clone();
+                if method == Method::Register {
+                    if let Some(ok) = self.absorb_register(&msg, inb, &routes, pool, now) {
+                        out.push((Dest::Flow(inb.flow), ok));
+                        return;
+                    }
+                }
                 let nodes: SmallVec<[(usize, Dest); 4]> = self
                     .candidates(&routes, pool)
                     .into_iter()
@@ -1300,6 +1317,16 @@ impl Proxy {
         }
         if from_node {
             if let Some(flow) = token {
+                if msg.to_tag().is_none()
+                    && method != Method::Ack
+                    && self.registrations.lapsed(&flow)
+                {
+                    // The phone stopped refreshing its registration: it is gone, and the PBX
+                    // (which granted a longer lifetime) should hear so now, not after Timer B.
+                    metrics::counter!("sbc_rejected_total", "reason" => "registration_lapsed")
+                        .increment(1);
+                    return Target::Local(480, "Temporarily Unavailable");
+                }
                 // PBX toward a phone or trunk over the flow named in Path / Record-Route.
                 return Target::Forward {
                     dest: Dest::Flow(flow),
@@ -1697,12 +1724,15 @@ impl Proxy {
             method: method_key(msg.cseq_method()),
         };
         if branch.starts_with(LOCAL_BRANCH) {
-            if let Some(done) = self.local.lock().remove(branch) {
-                let _ = done.send(status);
+            // Provisional responses only stop retransmissions (done by the transaction's
+            // timers); the final one ends the wait.
+            if status >= 200 {
+                if let Some(done) = self.local.lock().remove(branch) {
+                    let _ = done.send(msg);
+                }
             }
             return;
         }
-        let mut after: Option<After> = None;
         {
             let mut core = self.core.lock();
             let Some(&id) = core.client_idx.get(&key) else {
@@ -1807,6 +1837,11 @@ impl Proxy {
                         }
                     }
                 }
+                if (200..300).contains(&status) {
+                    if let Some(flow) = tx.register_flow {
+                        self.record_registration(tx, flow, &msg, now, &mut e);
+                    }
+                }
                 let bytes = Bytes::from(e.apply(msg.as_bytes()));
                 if tx.server.send_response(status, bytes.clone(), now) {
                     count_response(tx.method, status, "forwarded");
@@ -1818,26 +1853,152 @@ impl Proxy {
                     // 2xx are end to end (RFC 3261 16.7 step 10).
                     out.push((Dest::Flow(tx.in_flow), bytes));
                 }
-                if (200..300).contains(&status) {
-                    if let Some(flow) = tx.register_flow {
-                        after = Some(After::Register {
-                            flow,
-                            request: tx.request.clone(),
-                            response: msg.clone(),
-                        });
-                    }
-                }
             }
             self.drive(&mut core, id, now, out);
         }
-        match after {
-            Some(After::Register {
-                flow,
-                request,
-                response,
-            }) => self.registrations.record(flow, &request, &response, now),
-            None => {}
+    }
+
+    /// A 2xx to a phone's REGISTER: the binding goes into the cache, with the node that
+    /// granted it and (for shadow registration) the Path it carried; with split expiry the
+    /// 2xx is rewritten to give the phone its short lifetime.
+    fn record_registration(
+        &self,
+        tx: &ProxyTx,
+        flow: Flow,
+        msg: &Message,
+        now: Instant,
+        e: &mut Edits,
+    ) {
+        let routes = self.routes.read().clone();
+        let node = tx
+            .failover
+            .as_ref()
+            .and_then(|f| f.nodes.get(f.pos))
+            .and_then(|(n, _)| routes.nodes.get(*n));
+        let shadow = node
+            .and_then(|n| routes.pools.get(n.pool))
+            .is_some_and(|p| p.shadow_registration);
+        let path = if shadow {
+            tx.branch
+                .as_ref()
+                .and_then(|b| Message::parse(b.out.clone()).ok())
+                .map(|fwd| {
+                    let paths: Vec<String> = fwd
+                        .values(HeaderName::Path)
+                        .map(|(_, v)| String::from_utf8_lossy(sbc_sip::scan::trim(v)).into_owned())
+                        .collect();
+                    paths.join(", ")
+                })
+        } else {
+            None
+        };
+        self.registrations.record(
+            flow,
+            &tx.request,
+            msg,
+            node.map(|n| Arc::from(n.name.as_str())),
+            path.as_deref(),
+            &registration_policy(&routes),
+            now,
+            e,
+        );
+    }
+
+    /// A phone's REGISTER that the cache can answer (split expiry): the 200 to send.
+    fn absorb_register(
+        &self,
+        msg: &Message,
+        inb: &Inbound,
+        routes: &RouteTable,
+        pool: usize,
+        now: Instant,
+    ) -> Option<Bytes> {
+        let policy = registration_policy(routes);
+        let active = self
+            .active_node(routes, pool)
+            .and_then(|n| routes.nodes.get(n))
+            .map(|n| n.name.as_str());
+        match self
+            .registrations
+            .absorb(&inb.flow, msg, active, &policy, now)
+        {
+            Ok(ok) => {
+                hot::register_outcome(None).increment(1);
+                count_response(Method::Register, 200, "local");
+                Some(Bytes::from(ok))
+            }
+            Err(reason) => {
+                hot::register_outcome(Some(reason)).increment(1);
+                None
+            }
         }
+    }
+
+    /// The pool's active node: where registrations belong (not the first candidate, which
+    /// moves away from a merely Suspect node for a moment).
+    pub(crate) fn active_node(&self, routes: &RouteTable, pool: usize) -> Option<usize> {
+        match self.selector.read().as_ref() {
+            Some(s) => s.active(pool),
+            None => routes
+                .pools
+                .get(pool)
+                .and_then(|p| p.nodes.first().copied()),
+        }
+    }
+
+    /// Where to send a request to a node of the running route table.
+    pub(crate) fn node_dest(&self, routes: &RouteTable, node: usize) -> Option<Dest> {
+        let n = routes.nodes.get(node)?;
+        Some(peer_dest(
+            n.transport,
+            n.address,
+            n.tls_server_name.as_deref(),
+        ))
+    }
+
+    /// The SBC's name (User-Agent of the requests it originates).
+    pub(crate) fn name(&self) -> &str {
+        &self.settings.name
+    }
+
+    /// The running route table.
+    pub(crate) fn routes(&self) -> Arc<RouteTable> {
+        self.routes.read().clone()
+    }
+
+    /// The ready nodes of a pool, in the order new transactions try them.
+    pub(crate) fn ready_nodes(&self, pool: usize) -> SmallVec<[usize; 4]> {
+        let routes = self.routes.read().clone();
+        self.candidates(&routes, pool)
+    }
+
+    /// Closes a phone's TCP/TLS flow on purpose (the re-registration wave).
+    pub(crate) fn close_flow(&self, flow: &Flow) -> bool {
+        self.transports.get().is_some_and(|t| t.close_flow(flow))
+    }
+
+    /// Sends a request the SBC builds itself to `dest` through a local client transaction:
+    /// `build` gets the listener it leaves from and the branch for its Via. The task yields
+    /// the final response, if any came.
+    pub(crate) fn originate(
+        self: &Arc<Self>,
+        dest: Dest,
+        build: impl FnOnce(&LocalListener, &str) -> String,
+    ) -> Option<tokio::task::JoinHandle<Option<Message>>> {
+        let listener = match &dest {
+            Dest::Flow(f) => self.listener_for_flow(f),
+            Dest::Addr {
+                transport, remote, ..
+            } => self.pick_listener(*transport, *remote, true),
+        }?;
+        let n: u64 = rand::random();
+        let branch = format!("{}{n:x}", String::from_utf8_lossy(LOCAL_BRANCH));
+        let req = build(listener, &branch);
+        Some(tokio::spawn(self.clone().run_local_msg(
+            dest,
+            Bytes::from(req),
+            branch.into_bytes().into_boxed_slice(),
+        )))
     }
 
     fn on_parse_error(&self, inb: &Inbound, err: sbc_sip::ParseError, out: &mut Out) {
@@ -2002,6 +2163,14 @@ fn dest_transport(d: &Dest) -> Transport {
     }
 }
 
+/// The registration settings of a route table.
+fn registration_policy(routes: &RouteTable) -> crate::registrations::Policy {
+    crate::registrations::Policy {
+        phone_expires: routes.phone_expires,
+        spread_percent: routes.phone_expires_spread_percent,
+    }
+}
+
 fn count_response(method: Method, status: u16, origin: &'static str) {
     hot::response(method, status, origin == "local").increment(1);
 }
@@ -2080,6 +2249,8 @@ mod hot {
         transactions: OnceLock<Gauge>,
         /// [method][code][local]
         responses: [[[OnceLock<Counter>; 2]; CODES]; METHODS],
+        /// REGISTERs answered from the cache (0) or forwarded, by reason (1..).
+        register: [OnceLock<Counter>; 8],
     }
 
     fn hot() -> &'static Hot {
@@ -2091,6 +2262,28 @@ mod hot {
             responses: std::array::from_fn(|_| {
                 std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new()))
             }),
+            register: std::array::from_fn(|_| OnceLock::new()),
+        })
+    }
+
+    /// `None`: answered from the registration cache; `Some(reason)`: forwarded.
+    pub(super) fn register_outcome(
+        forwarded: Option<crate::registrations::ForwardReason>,
+    ) -> &'static Counter {
+        use crate::registrations::ForwardReason as R;
+        let i = match forwarded {
+            None => 0,
+            Some(R::Off) => 1,
+            Some(R::New) => 2,
+            Some(R::Changed) => 3,
+            Some(R::NodeChanged) => 4,
+            Some(R::Expiring) => 5,
+            Some(R::Deregister) => 6,
+            Some(R::Other) => 7,
+        };
+        hot().register[i].get_or_init(|| match forwarded {
+            None => metrics::counter!("sbc_register_absorbed_total"),
+            Some(r) => metrics::counter!("sbc_register_forwarded_total", "reason" => r.label()),
         })
     }
 

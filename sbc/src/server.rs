@@ -51,6 +51,8 @@ pub struct Sbc {
     pub transports: Arc<Transports>,
     pub locals: Vec<LocalListener>,
     timer_task: tokio::task::JoinHandle<()>,
+    /// The re-registration wave, shadow registrations and their progress.
+    rereg_task: tokio::task::JoinHandle<()>,
     /// The media relay's event task (media timeouts), when media is anchored.
     media_task: Option<tokio::task::JoinHandle<()>>,
     admin: Option<AdminServer>,
@@ -197,6 +199,7 @@ impl Sbc {
             .collect();
         proxy.attach(transports.clone(), locals.clone());
         let timer_task = tokio::spawn(proxy.clone().run_timers());
+        let rereg_task = tokio::spawn(crate::rereg::Rereg::run(proxy.clone()));
         for l in &locals {
             tracing::info!(transport = %l.transport, addr = %l.addr, advertised = %format!("{}:{}", l.host, l.port), "listening");
         }
@@ -243,6 +246,7 @@ impl Sbc {
             transports,
             locals,
             timer_task,
+            rereg_task,
             media_task,
             admin,
             generation,
@@ -285,6 +289,7 @@ impl Sbc {
             a.shutdown();
         }
         self.timer_task.abort();
+        self.rereg_task.abort();
         if let Some(t) = &self.media_task {
             t.abort();
         }
@@ -359,6 +364,10 @@ impl HealthSelector {
 impl NodeSelector for HealthSelector {
     fn candidates(&self, pool: usize) -> SmallVec<[usize; 4]> {
         self.health.candidates(pool)
+    }
+
+    fn active(&self, pool: usize) -> Option<usize> {
+        self.health.active(pool)
     }
 
     fn observe(&self, node: usize, outcome: NodeOutcome) {

@@ -33,6 +33,9 @@ name = "standby"
 address = "{b}"
 [phones]
 sources = ["127.0.0.0/8"]
+# Every REGISTER forwarded: these tests are about where they go (split expiry would answer a
+# phone's refresh from the cache while the node holding its binding is still active).
+expires_secs = 0
 "#
     );
     let cfg = sbc_config::parse(&cfg, Path::new("failover.toml")).expect("config");

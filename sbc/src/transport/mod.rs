@@ -389,6 +389,18 @@ impl Transports {
         self.local_addrs.clone()
     }
 
+    /// Closes a TCP/TLS flow on purpose: after a failover a phone whose flow drops
+    /// registers again at once (RFC 5626 4.4), which moves it to the new active node far
+    /// sooner than its refresh timer would. Returns whether the connection was open; the
+    /// close itself (and `on_flow_closed`) follows from the connection's task.
+    pub fn close_flow(&self, flow: &Flow) -> bool {
+        let Some(id) = flow.conn else { return false };
+        self.inner
+            .table
+            .lock()
+            .close_one(id, CloseReason::Reregister)
+    }
+
     /// Open and opening TCP/TLS connections.
     pub fn connection_count(&self) -> usize {
         self.inner.table.lock().len()

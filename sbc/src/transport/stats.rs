@@ -20,6 +20,9 @@ pub(super) enum CloseReason {
     Shutdown = 6,
     /// A message was started and not finished within `message_timeout` (slow sender).
     Slow = 7,
+    /// Closed on purpose after a failover so the phone re-registers on the new active node
+    /// ([`super::Transports::close_flow`]).
+    Reregister = 8,
 }
 
 impl CloseReason {
@@ -32,6 +35,7 @@ impl CloseReason {
             CloseReason::Framing => "framing",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Slow => "slow",
+            CloseReason::Reregister => "reregister",
         }
     }
 
@@ -44,6 +48,7 @@ impl CloseReason {
             5 => CloseReason::Framing,
             6 => CloseReason::Shutdown,
             7 => CloseReason::Slow,
+            8 => CloseReason::Reregister,
             _ => return None,
         })
     }

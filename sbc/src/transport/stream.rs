@@ -111,6 +111,17 @@ impl ConnTable {
         self.conns.len()
     }
 
+    /// Asks one connection to close; false when it is not (or no longer) open.
+    pub(super) fn close_one(&self, id: ConnId, reason: CloseReason) -> bool {
+        match self.conns.get(&id) {
+            Some(entry) => {
+                entry.ctl.request_close(reason);
+                true
+            }
+            None => false,
+        }
+    }
+
     pub(super) fn close_all(&mut self, reason: CloseReason) {
         for entry in self.conns.values() {
             entry.ctl.request_close(reason);
