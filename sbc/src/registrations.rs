@@ -298,8 +298,10 @@ impl Registrations {
             return Err(ForwardReason::Deregister);
         }
         let key = contact_key(&na.uri);
-        let mut inner = self.inner.write();
-        let Some(b) = inner.bindings.get_mut(&key) else {
+        // Most REGISTERs that reach here are refreshes that will be answered; the checks
+        // still only read, so a plain reader (has_flow, on every phone request) never waits.
+        let inner = self.inner.upgradable_read();
+        let Some(b) = inner.bindings.get(&key) else {
             return Err(ForwardReason::New);
         };
         if b.flow != *flow || *b.contact.as_bytes() != *na.uri_raw || *b.call_id != *req.call_id() {
@@ -319,6 +321,10 @@ impl Registrations {
         if left < next + margin {
             return Err(ForwardReason::Expiring);
         }
+        let mut inner = parking_lot::RwLockUpgradableReadGuard::upgrade(inner);
+        let Some(b) = inner.bindings.get_mut(&key) else {
+            return Err(ForwardReason::New);
+        };
         b.cseq = req.cseq();
         b.phone_until = now + Duration::from_secs(next);
         let mut extra = Vec::with_capacity(128 + b.replay.len());
