@@ -178,6 +178,7 @@ pub(crate) struct RawMedia {
     pub port_max: Option<Int>,
     pub timeout_secs: Option<Int>,
     pub hold_timeout_secs: Option<Int>,
+    pub unsaveable_timeout_secs: Option<Int>,
     pub relatch_quiet_ms: Option<Int>,
     pub workers: Option<Int>,
     pub public: Option<RawMediaSide>,

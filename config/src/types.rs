@@ -893,6 +893,10 @@ pub struct Media {
     /// The same for a call on hold (`a=inactive`/`sendonly`, or `c=0.0.0.0`),
     /// where silence is normal. Default 3600 s.
     pub hold_timeout: Duration,
+    /// After a call's PBX node died: how long a call whose media the PBX
+    /// anchored itself (so its media died with the PBX) may stay silent on
+    /// the PBX side before the SBC hangs it up. Default 5 s.
+    pub unsaveable_timeout: Duration,
     /// How long the latched source must stay quiet before another source
     /// may take its place (a phone whose NAT binding changed), so a stray
     /// sender cannot hijack a running stream. Default 2000 ms.

@@ -1230,6 +1230,12 @@ impl Ctx<'_> {
             1..=86_400,
             3600,
         )?;
+        let unsaveable_timeout = secs(
+            &raw.unsaveable_timeout_secs,
+            "unsaveable_timeout_secs",
+            1..=3600,
+            5,
+        )?;
         let relatch_quiet = Duration::from_millis(self.int(
             raw.relatch_quiet_ms.as_ref(),
             "media.relatch_quiet_ms",
@@ -1253,6 +1259,7 @@ impl Ctx<'_> {
             port_max,
             timeout,
             hold_timeout,
+            unsaveable_timeout,
             relatch_quiet,
             workers: usize::try_from(workers).unwrap_or(0),
         })

@@ -10,6 +10,7 @@
 //! - [`Relay::start`]`(RelayConfig) -> (Arc<Relay>, UnboundedReceiver<MediaEvent>)`
 //! - [`Relay::offer`]`(call, offerer_tag, offer_side, answer_side, sdp) -> Result<Vec<u8>>`
 //! - [`Relay::answer`]`(call, offerer_tag, answerer_tag, sdp) -> Result<Vec<u8>>`
+//! - [`Relay::join`]`(a, b) -> bool`: a hairpin (see below) forwarded in one hop
 //! - [`Relay::delete`]`(call) -> bool`, [`Relay::stats`], [`Relay::sessions`],
 //!   [`Relay::totals`], [`Relay::shutdown`]
 //! - [`MediaEvent::Timeout`] on the event channel when a call's media went silent; its ports
@@ -82,8 +83,14 @@
 //! the sender's (identical SDP keeps the version, a sender's +n gives +n) and grows by one when
 //! only our rewrite changed; a new o= session (another fork) restarts from its own number.
 //!
-//! Not done yet: joining two legs of a call that loops through the SBC twice into one hop
-//! (DESIGN.md), SDP inside multipart bodies (the proxy's job), DSCP marking.
+//! **Hairpins.** When a PBX bridges two calls that both pass through the SBC and leaves media
+//! end to end, the SDP it sends on one names our internal port of the other. A first offer
+//! that names one of our ports puts the new call on the other call's worker, and
+//! [`Relay::join`] then points each public socket at the other call's public socket: packets
+//! cross the relay once instead of twice, and no longer depend on the internal sockets. The
+//! join is undone when either call ends or a new SDP moves an internal leg (a transfer).
+//!
+//! Not done yet: SDP inside multipart bodies (the proxy's job), DSCP marking.
 
 #![warn(missing_docs)]
 

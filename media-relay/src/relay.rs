@@ -328,6 +328,14 @@ impl Relay {
         let parsed = Sdp::parse(sdp)?;
         let mut sessions = self.shared.sessions.lock();
         let create = !sessions.contains_key(call);
+        // A hairpin (the SDP names one of our own ports: a PBX bridged this call to another
+        // one and left media end to end) goes to the other call's worker, so the two can be
+        // joined into one hop.
+        let hairpin = if create {
+            self.hairpin_worker(&sessions, &parsed)
+        } else {
+            None
+        };
         let mut fresh = None;
         let session = match sessions.get_mut(call) {
             Some(s) => s,
@@ -335,7 +343,7 @@ impl Relay {
                 let uid = self.next_uid.fetch_add(1, Relaxed);
                 fresh.insert(Session {
                     uid,
-                    worker: (uid as usize) % self.workers.len(),
+                    worker: hairpin.unwrap_or((uid as usize) % self.workers.len()),
                     legs: [
                         Leg {
                             tag: Some(offerer_tag.into()),
@@ -508,6 +516,62 @@ impl Relay {
         });
         self.wait_applied(applied, call);
         tracing::debug!(call = %call, "media deleted");
+        true
+    }
+
+    /// The worker of the call that owns the relay port an SDP names, when the SDP names one
+    /// of our own addresses.
+    fn hairpin_worker(
+        &self,
+        sessions: &AHashMap<CallKey, Session>,
+        sdp: &Sdp<'_>,
+    ) -> Option<usize> {
+        let addr = (0..sdp.media.len()).find_map(|i| sdp.rtp_addr(i).filter(|a| a.port() != 0))?;
+        let c = &self.shared.config;
+        let ours = [&c.public, &c.internal]
+            .iter()
+            .any(|s| s.advertised() == addr.ip() || s.bind == addr.ip());
+        if !ours {
+            return None;
+        }
+        sessions
+            .values()
+            .find(|s| s.media.iter().any(|m| m.ports.contains(&Some(addr.port()))))
+            .map(|s| s.worker)
+    }
+
+    /// Joins two calls a PBX bridged with media end to end (each one's internal leg sends to
+    /// the other's): packets from `a`'s public leg leave straight through `b`'s public leg
+    /// and back, one relay hop instead of two. Returns false when the calls cannot be joined
+    /// (unknown, not one public and one internal leg each, or on different workers, which
+    /// only happens when the hairpin was not visible in the first offer); they then keep
+    /// relaying in two hops. Undone by the worker when either call ends or a new SDP moves
+    /// the internal leg of either.
+    pub fn join(&self, a: &CallKey, b: &CallKey) -> bool {
+        let sessions = self.shared.sessions.lock();
+        let (Some(sa), Some(sb)) = (sessions.get(a), sessions.get(b)) else {
+            return false;
+        };
+        let public = |s: &Session| -> Option<u8> {
+            let p = s.legs.iter().position(|l| l.side == Side::Public)?;
+            (s.legs[1 - p].side == Side::Internal).then_some(p as u8)
+        };
+        let (Some(a_leg), Some(b_leg)) = (public(sa), public(sb)) else {
+            return false;
+        };
+        if sa.worker != sb.worker || sa.uid == sb.uid {
+            return false;
+        }
+        let (done, applied) = std::sync::mpsc::sync_channel(1);
+        self.workers[sa.worker].send(Command::Join {
+            a: sa.uid,
+            a_leg,
+            b: sb.uid,
+            b_leg,
+            done: Some(done),
+        });
+        drop(sessions);
+        self.wait_applied(applied, a);
         true
     }
 

@@ -89,6 +89,17 @@ pub(crate) enum Command {
         call: u64,
         done: Option<SyncSender<()>>,
     },
+    /// Join two calls of a hairpin (a PBX bridged them and left media end to end): packets
+    /// from `a`'s leg `a_leg` leave through `b`'s leg `b_leg` sockets and back, one hop
+    /// instead of two. Undone when either call ends or an SDP moves a joined call's other
+    /// leg.
+    Join {
+        a: u64,
+        a_leg: u8,
+        b: u64,
+        b_leg: u8,
+        done: Option<SyncSender<()>>,
+    },
     Shutdown,
 }
 
@@ -242,6 +253,8 @@ struct WorkerCall {
     endpoints: SmallVec<[(EndpointId, u32); 8]>,
     timeout_ns: u64,
     last_signal_ns: u64,
+    /// Joined with another call: (its uid, this call's joined leg).
+    joined: Option<(u64, u8)>,
 }
 
 /// Tells the waiting control call that its command has been applied, on drop.
@@ -529,6 +542,7 @@ impl Worker {
                     endpoints: SmallVec::new(),
                     timeout_ns,
                     last_signal_ns: now,
+                    joined: None,
                 });
                 entry.timeout_ns = timeout_ns;
                 entry.last_signal_ns = now;
@@ -547,6 +561,16 @@ impl Worker {
             Command::Remove { call, done } => {
                 let _ack = Ack(done);
                 self.remove_call(call);
+            }
+            Command::Join {
+                a,
+                a_leg,
+                b,
+                b_leg,
+                done,
+            } => {
+                let _ack = Ack(done);
+                self.join(a, a_leg, b, b_leg);
             }
             Command::Shutdown => return false,
         }
@@ -609,7 +633,97 @@ impl Worker {
         Ok(())
     }
 
+    /// Points each stream of `a`'s leg `a_leg` at the same stream of `b`'s leg `b_leg` and
+    /// back (see [`Command::Join`]).
+    fn join(&mut self, a: u64, a_leg: u8, b: u64, b_leg: u8) {
+        if a == b {
+            return;
+        }
+        let (Some(wa), Some(wb)) = (self.calls.get(&a), self.calls.get(&b)) else {
+            return;
+        };
+        if wa.joined.is_some() || wb.joined.is_some() {
+            return;
+        }
+        let mut links: SmallVec<[(u32, u32); 8]> = SmallVec::new();
+        for &(id, ia) in wa.endpoints.iter().filter(|(id, _)| id.leg == a_leg) {
+            let want = EndpointId { leg: b_leg, ..id };
+            if let Some(&(_, ib)) = wb.endpoints.iter().find(|(i, _)| *i == want) {
+                links.push((ia, ib));
+            }
+        }
+        if links.is_empty() {
+            return;
+        }
+        for (ia, ib) in links {
+            if let Some(ep) = self.slab[ia as usize].ep.as_mut() {
+                ep.partner = ib;
+            }
+            if let Some(ep) = self.slab[ib as usize].ep.as_mut() {
+                ep.partner = ia;
+            }
+        }
+        if let Some(w) = self.calls.get_mut(&a) {
+            w.joined = Some((b, a_leg));
+        }
+        if let Some(w) = self.calls.get_mut(&b) {
+            w.joined = Some((a, b_leg));
+        }
+        tracing::debug!(a, b, "hairpin joined: one relay hop");
+    }
+
+    /// Undoes a join: every stream of both calls points at its own call's other leg again.
+    fn unjoin(&mut self, call: u64) {
+        let Some((other, _)) = self.calls.get_mut(&call).and_then(|w| w.joined.take()) else {
+            return;
+        };
+        if let Some(w) = self.calls.get_mut(&other) {
+            w.joined = None;
+        }
+        for uid in [call, other] {
+            let Some(wc) = self.calls.get(&uid) else {
+                continue;
+            };
+            let natural: SmallVec<[(u32, u32); 8]> = wc
+                .endpoints
+                .iter()
+                .map(|&(id, idx)| {
+                    let p = wc
+                        .endpoints
+                        .iter()
+                        .find(|(i, _)| *i == id.partner())
+                        .map_or(NO_PARTNER, |&(_, k)| k);
+                    (idx, p)
+                })
+                .collect();
+            for (idx, p) in natural {
+                if let Some(ep) = self.slab[idx as usize].ep.as_mut() {
+                    ep.partner = p;
+                }
+            }
+        }
+        tracing::debug!(call, other, "hairpin unjoined");
+    }
+
     fn update(&mut self, call: u64, u: EndpointUpdate) {
+        let Some(wc) = self.calls.get(&call) else {
+            return;
+        };
+        // The PBX moved the media of a joined call's other leg (a transfer, music on hold):
+        // the two calls are no longer one.
+        if let (Some((_, joined_leg)), Some(adv)) = (wc.joined, u.advertised) {
+            if u.id.leg != joined_leg {
+                let moved = wc
+                    .endpoints
+                    .iter()
+                    .find(|(id, _)| *id == u.id)
+                    .and_then(|&(_, idx)| self.slab[idx as usize].ep.as_ref())
+                    .is_some_and(|ep| ep.advertised.is_some() && ep.advertised != adv);
+                if moved {
+                    self.unjoin(call);
+                }
+            }
+        }
         let Some(wc) = self.calls.get(&call) else {
             return;
         };
@@ -644,6 +758,8 @@ impl Worker {
 
     /// Closes a call's sockets (so their ports are really free) and then returns the ports.
     fn remove_call(&mut self, call: u64) -> Option<WorkerCall> {
+        // The joined call must stop pointing at sockets about to close.
+        self.unjoin(call);
         let wc = self.calls.remove(&call)?;
         let mut releases = Vec::new();
         for &(_, idx) in &wc.endpoints {

@@ -984,3 +984,74 @@ fn shutdown_refuses_new_calls_and_closes_ports() {
     assert_eq!(relay.sessions(), 0);
     UdpSocket::bind(rb).expect("port closed by shutdown");
 }
+
+/// A PBX bridged two calls through the relay and left media end to end (the SDP it sent on
+/// one call names our internal port of the other): the second call is placed on the first
+/// one's worker, and once joined every packet crosses the relay once, leaving through the
+/// other call's public socket. Ending one call undoes the join cleanly.
+#[test]
+fn hairpin_calls_are_joined_into_one_hop() {
+    let mut c = config(26600, "127.0.0.1", "127.0.0.1");
+    c.workers = 2;
+    let (relay, _events) = start(c);
+    let phone = Peer::new("127.0.0.1");
+    let trunk = Peer::new("127.0.0.1");
+    let (a, b) = (CallKey::new("leg-a"), CallKey::new("leg-b"));
+    // Leg A: phone -> PBX; leg B: PBX -> trunk with leg A's SDP passed through.
+    let to_pbx_a = relay
+        .offer(
+            &a,
+            "phone",
+            Side::Public,
+            Side::Internal,
+            phone.sdp(1, "sendrecv").as_bytes(),
+        )
+        .unwrap();
+    let to_trunk = relay
+        .offer(&b, "pbx-b", Side::Internal, Side::Public, &to_pbx_a)
+        .unwrap();
+    let to_pbx_b = relay
+        .answer(&b, "pbx-b", "trunk", trunk.sdp(1, "sendrecv").as_bytes())
+        .unwrap();
+    let to_phone = relay.answer(&a, "phone", "pbx-a", &to_pbx_b).unwrap();
+    assert!(
+        relay.join(&a, &b),
+        "same worker, one public and one internal leg each"
+    );
+    let (a_pub, _) = relay_addrs(&to_phone);
+    let (b_pub, _) = relay_addrs(&to_trunk);
+
+    for i in 0..20u16 {
+        phone
+            .rtp
+            .send_to(&rtp(i, 160 * u32::from(i), 0xa, 1), a_pub)
+            .unwrap();
+        trunk
+            .rtp
+            .send_to(&rtp(i, 160 * u32::from(i), 0xb, 2), b_pub)
+            .unwrap();
+    }
+    let at_trunk = recv_n(&trunk.rtp, 20, Duration::from_secs(2));
+    let at_phone = recv_n(&phone.rtp, 20, Duration::from_secs(2));
+    assert_eq!(count_marker(&at_trunk, 1), 20);
+    assert_eq!(count_marker(&at_phone, 2), 20);
+    // Symmetric: each end sees the socket it sends to as the source.
+    assert!(at_trunk.iter().all(|(_, from)| *from == b_pub));
+    assert!(at_phone.iter().all(|(_, from)| *from == a_pub));
+    eventually("one hop per packet", || relay.totals().packets == 40);
+
+    // Leg A ends: leg B's trunk packets go nowhere near A's closed sockets.
+    assert!(relay.delete(&a));
+    for i in 20..30u16 {
+        trunk
+            .rtp
+            .send_to(&rtp(i, 160 * u32::from(i), 0xb, 3), b_pub)
+            .unwrap();
+    }
+    assert_eq!(
+        count_marker(&drain(&phone.rtp, Duration::from_millis(200)), 3),
+        0
+    );
+    assert!(relay.delete(&b));
+    assert_eq!(relay.sessions(), 0);
+}

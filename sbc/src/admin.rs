@@ -272,13 +272,34 @@ pub struct StatusReport {
     pub transactions: usize,
     /// Open TCP/TLS connections.
     pub connections: usize,
-    /// Calls in progress (not tracked yet: 0).
+    /// Established dialogs whose media the SBC anchors (see `call_list`).
     pub calls: usize,
-    /// Media relay sessions (not tracked yet: 0).
+    /// Media relay sessions.
     pub media_sessions: usize,
     /// The registration cache and how phones follow a failover.
     #[serde(default)]
     pub registration: RegistrationReport,
+    /// Each established call (dialog) whose media the SBC anchors: the node that set it up
+    /// and whether it outlived that node.
+    #[serde(default)]
+    pub call_list: Vec<CallReport>,
+}
+
+/// One dialog in [`StatusReport::call_list`]. A call the PBX bridged (two dialogs) or
+/// proxied (one Call-ID through the SBC twice) shows as two entries naming each other.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CallReport {
+    pub call_id: String,
+    /// `p`: the caller is a phone or trunk; `i`: the caller is the PBX.
+    pub pass: String,
+    /// The PBX node that set the call up.
+    pub node: Option<String>,
+    /// The other dialog of the call (Call-ID/pass).
+    pub peer: Option<String>,
+    /// Media runs end to end through the relay (true), through the PBX (false), unknown.
+    pub saveable: Option<bool>,
+    /// The call outlived its node.
+    pub outlived: bool,
 }
 
 /// The registration cache in [`StatusReport`].
@@ -404,6 +425,21 @@ impl State {
             connections: ctx.transports.connection_count(),
             calls: ctx.proxy.media().map_or(0, |m| m.dialogs()),
             media_sessions: ctx.proxy.media().map_or(0, |m| m.sessions()),
+            call_list: ctx
+                .proxy
+                .media()
+                .map(|m| m.calls())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|c| CallReport {
+                    node: c.node.and_then(|n| ctx.proxy.node_name(n)),
+                    call_id: c.call_id,
+                    pass: c.pass,
+                    peer: c.peer,
+                    saveable: c.saveable,
+                    outlived: c.outlived,
+                })
+                .collect(),
             registration: {
                 let p = ctx.proxy.rereg.progress();
                 RegistrationReport {

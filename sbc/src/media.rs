@@ -17,6 +17,7 @@ use ahash::AHashMap;
 use parking_lot::Mutex;
 use sbc_media_relay::{CallKey, MediaError, Relay, Side};
 use sbc_sip::message::{HeaderName, Message, Method};
+use smallvec::SmallVec;
 use std::sync::Arc;
 
 /// The relay plus the caller tags that key its calls.
@@ -26,6 +27,71 @@ pub struct MediaAnchor {
     /// Established dialogs of anchored calls, by relay key: what the SBC needs to hang a
     /// call up by itself when its media dies.
     dialogs: Mutex<AHashMap<CallKey, Arc<DialogInfo>>>,
+    /// What the SBC needs to carry a dialog on when its PBX dies (see [`Survival`]).
+    survival: Mutex<AHashMap<CallKey, Survival>>,
+    /// Internal-side relay RTP port -> the relay call it belongs to: SDP from a PBX that
+    /// names one of these is a hairpin (the PBX left media end to end).
+    internal_ports: Mutex<AHashMap<u16, CallKey>>,
+    /// Dialogs released while their hairpin peer was still up, with when: a BYE that the
+    /// dead PBX never passed on still finds the other leg to hang up.
+    widowed: Mutex<AHashMap<CallKey, (CallKey, std::time::Instant)>>,
+    /// How long a call whose media the PBX anchored may stay silent on the PBX side after its
+    /// node went Down before the SBC ends it.
+    unsaveable_after: Mutex<std::time::Duration>,
+}
+
+/// One dialog's chances when its PBX dies. A dialog is saveable when the PBX left its media
+/// end to end: the SDP the PBX sent us names our own relay address of another leg (a B2BUA
+/// bridging two legs through us) or of the other pass of the same Call-ID (a proxy). Then
+/// media never touched the PBX and the SBC can answer for it. When the PBX named its own
+/// media address, the media dies with it.
+#[derive(Debug, Clone, Default)]
+struct Survival {
+    /// The PBX node the dialog runs through.
+    node: Option<usize>,
+    /// The other leg (B2BUA) or pass (proxy) of the hairpin.
+    peer: Option<CallKey>,
+    /// `Some(true)`: media end to end through our relay; `Some(false)`: the PBX anchors it.
+    saveable: Option<bool>,
+    /// The last SDP the SBC sent toward the caller / the callee of this dialog.
+    sdp_to_caller: Option<Arc<[u8]>>,
+    sdp_to_callee: Option<Arc<[u8]>>,
+    /// When the SBC saw the node dead while the dialog was up.
+    outlived: Option<std::time::Instant>,
+    /// RTP packets received from the PBX side at the last check (unsaveable calls).
+    internal_packets: u64,
+    /// Our internal-side RTP ports named toward the PBX (keys of `internal_ports`).
+    internal_ports: SmallVec<[u16; 2]>,
+}
+
+/// A call as `/status` lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CallView {
+    pub call_id: String,
+    /// `p` (caller on the public side) or `i` (caller behind the PBX).
+    pub pass: String,
+    /// Index of the PBX node that set the dialog up.
+    pub node: Option<usize>,
+    /// The other leg of the hairpin (Call-ID and pass), when known.
+    pub peer: Option<String>,
+    pub saveable: Option<bool>,
+    /// The dialog outlived its PBX node.
+    pub outlived: bool,
+}
+
+/// What the SBC should do with an in-dialog request whose PBX is dead and that cannot go
+/// around it (see [`MediaAnchor::orphan`]).
+#[derive(Debug)]
+pub struct Orphan {
+    pub key: CallKey,
+    pub dialog: Option<Arc<DialogInfo>>,
+    /// The request came from the dialog's caller.
+    pub from_caller: bool,
+    /// The SDP that sender last received from us.
+    pub current_sdp: Option<Arc<[u8]>>,
+    /// The other leg of the hairpin.
+    pub peer: Option<CallKey>,
+    pub saveable: Option<bool>,
 }
 
 /// One established dialog, as the SBC saw it pass: enough to send a BYE to each end in the
@@ -52,6 +118,8 @@ pub struct DialogInfo {
     pub callee_dest: Dest,
     /// CSeq number of the caller's INVITE.
     pub caller_cseq: u32,
+    /// The PBX node the dialog runs through (the INVITE came from it or went to it).
+    pub node: Option<usize>,
 }
 
 struct CallEntry {
@@ -73,7 +141,13 @@ pub enum MediaAction {
 
 /// Whether a message carries SDP we must anchor.
 pub fn has_sdp(msg: &Message) -> bool {
-    if msg.body().is_empty() {
+    has_sdp_body(msg, msg.body())
+}
+
+/// [`has_sdp`] for a body that replaces the message's own (the SDP one relay pass produced,
+/// handed to the next pass when the SBC skips a dead PBX between two passes).
+fn has_sdp_body(msg: &Message, body: &[u8]) -> bool {
+    if body.is_empty() {
         return false;
     }
     match msg.header_value(HeaderName::ContentType) {
@@ -83,7 +157,7 @@ pub fn has_sdp(msg: &Message) -> bool {
             sbc_sip::scan::trim(mime).eq_ignore_ascii_case(b"application/sdp")
         }
         // RFC 3261 20.15: a body without Content-Type is unusual; an SDP-looking one is SDP.
-        None => msg.body().starts_with(b"v=0"),
+        None => body.starts_with(b"v=0"),
     }
 }
 
@@ -104,6 +178,10 @@ impl MediaAnchor {
             relay,
             calls: Mutex::new(AHashMap::default()),
             dialogs: Mutex::new(AHashMap::default()),
+            survival: Mutex::new(AHashMap::default()),
+            internal_ports: Mutex::new(AHashMap::default()),
+            widowed: Mutex::new(AHashMap::default()),
+            unsaveable_after: Mutex::new(std::time::Duration::from_secs(5)),
         }
     }
 
@@ -158,6 +236,19 @@ impl MediaAnchor {
 
     /// A request on its way from `in_side` to `out_side`.
     pub fn on_request(&self, msg: &Message, in_side: Side, out_side: Side) -> MediaAction {
+        self.on_request_body(msg, msg.body(), in_side, out_side)
+    }
+
+    /// [`MediaAnchor::on_request`] with `body` in place of the message's own: a request that
+    /// crosses both passes of a proxied call in one step (its PBX is dead) goes through the
+    /// first pass with its own SDP and through the second with what the first produced.
+    pub fn on_request_body(
+        &self,
+        msg: &Message,
+        body: &[u8],
+        in_side: Side,
+        out_side: Side,
+    ) -> MediaAction {
         let Some(method) = msg.method() else {
             return MediaAction::Pass;
         };
@@ -171,7 +262,7 @@ impl MediaAnchor {
             self.release(call_id, &key, side);
             return MediaAction::Pass;
         }
-        if !has_sdp(msg) {
+        if !has_sdp_body(msg, body) {
             return MediaAction::Pass;
         }
         let initial = method == Method::Invite && msg.to_tag().is_none();
@@ -180,9 +271,12 @@ impl MediaAnchor {
                 let (key, side) = self.key(call_id, from_tag, in_side, out_side, initial);
                 match self
                     .relay
-                    .offer(&key, text(from_tag), in_side, out_side, msg.body())
+                    .offer(&key, text(from_tag), in_side, out_side, body)
                 {
-                    Ok(b) => MediaAction::Body(b),
+                    Ok(b) => {
+                        self.sent_sdp(&key, side != in_side, out_side, &b);
+                        MediaAction::Body(b)
+                    }
                     Err(e) => {
                         if initial {
                             self.release(call_id, &key, side);
@@ -195,12 +289,12 @@ impl MediaAnchor {
             // reliable 18x: the callee (To tag) is the offerer.
             Method::Ack | Method::Prack => {
                 let to_tag = msg.to_tag().unwrap_or_default();
-                let (key, _) = self.key(call_id, from_tag, in_side, out_side, false);
-                match self
-                    .relay
-                    .answer(&key, text(to_tag), text(from_tag), msg.body())
-                {
-                    Ok(b) => MediaAction::Body(b),
+                let (key, side) = self.key(call_id, from_tag, in_side, out_side, false);
+                match self.relay.answer(&key, text(to_tag), text(from_tag), body) {
+                    Ok(b) => {
+                        self.sent_sdp(&key, side != in_side, out_side, &b);
+                        MediaAction::Body(b)
+                    }
                     Err(e) => {
                         tracing::debug!(call = %key, error = %e, "answer in {} not anchored", method.as_str());
                         metrics::counter!("sbc_media_errors_total", "stage" => "answer")
@@ -223,6 +317,20 @@ impl MediaAnchor {
         req_out: Side,
         msg: &Message,
     ) -> MediaAction {
+        self.on_response_body(request, request_offered, req_in, req_out, msg, msg.body())
+    }
+
+    /// [`MediaAnchor::on_response`] with `body` in place of the response's own (see
+    /// [`MediaAnchor::on_request_body`]).
+    pub fn on_response_body(
+        &self,
+        request: &Message,
+        request_offered: bool,
+        req_in: Side,
+        req_out: Side,
+        msg: &Message,
+        body: &[u8],
+    ) -> MediaAction {
         let Some(method) = request.method() else {
             return MediaAction::Pass;
         };
@@ -242,21 +350,23 @@ impl MediaAnchor {
             }
             return MediaAction::Pass;
         }
-        if status < 180 || !has_sdp(msg) {
+        if status < 180 || !has_sdp_body(msg, body) {
             return MediaAction::Pass;
         }
         let to_tag = msg.to_tag().unwrap_or_default();
-        let (key, _) = self.key(call_id, from_tag, req_in, req_out, initial);
+        let (key, side) = self.key(call_id, from_tag, req_in, req_out, initial);
         let result = if request_offered {
-            self.relay
-                .answer(&key, text(from_tag), text(to_tag), msg.body())
+            self.relay.answer(&key, text(from_tag), text(to_tag), body)
         } else {
             // Late offer: the callee offers in its 18x/2xx; the ACK (or PRACK) answers.
-            self.relay
-                .offer(&key, text(to_tag), req_out, req_in, msg.body())
+            self.relay.offer(&key, text(to_tag), req_out, req_in, body)
         };
         match result {
-            Ok(b) => MediaAction::Body(b),
+            Ok(b) => {
+                // The response goes back to the request's sender.
+                self.sent_sdp(&key, side == req_in, req_in, &b);
+                MediaAction::Body(b)
+            }
             Err(e) => {
                 tracing::warn!(call = %key, status, error = %e, "SDP in response not anchored; forwarded as is");
                 metrics::counter!("sbc_media_errors_total", "stage" => "response").increment(1);
@@ -270,6 +380,25 @@ impl MediaAnchor {
     fn release(&self, call_id: &[u8], key: &CallKey, caller_side: Side) {
         self.relay.delete(key);
         self.dialogs.lock().remove(key);
+        if let Some(s) = self.survival.lock().remove(key) {
+            {
+                let mut ports = self.internal_ports.lock();
+                for p in &s.internal_ports {
+                    if ports.get(p) == Some(key) {
+                        ports.remove(p);
+                    }
+                }
+            }
+            let mut widowed = self.widowed.lock();
+            widowed.remove(key);
+            if let Some(peer) = s.peer {
+                // The peer's own end: nothing to remember. Otherwise the peer may still need
+                // hanging up if the PBX never passes this end's BYE on.
+                if widowed.remove(&peer).is_none() && self.relay.answered(&peer).is_some() {
+                    widowed.insert(key.clone(), (peer, std::time::Instant::now()));
+                }
+            }
+        }
         let mut calls = self.calls.lock();
         if let Some(e) = calls.get_mut(call_id) {
             e.passes &= !side_bit(caller_side);
@@ -286,8 +415,284 @@ impl MediaAnchor {
         let from_tag = request.from_tag().unwrap_or_default();
         let (key, _) = self.key(cid.as_bytes(), from_tag, req_in, req_out, false);
         if self.relay.answered(&key).is_some() {
-            self.dialogs.lock().insert(key, Arc::new(info));
+            let node = info.node;
+            self.dialogs.lock().insert(key.clone(), Arc::new(info));
+            self.survival.lock().entry(key.clone()).or_default().node = node;
+            self.pair(&key);
         }
+    }
+
+    /// Remembers the SDP the SBC sent toward one party of a relay call (`toward` is the side
+    /// it went to): what a refresh answered by the SBC itself returns, and, toward the PBX,
+    /// the relay port that marks a hairpin.
+    fn sent_sdp(&self, key: &CallKey, to_caller: bool, toward: Side, body: &[u8]) {
+        let body: Arc<[u8]> = Arc::from(body);
+        let mut port = None;
+        if toward == Side::Internal {
+            if let Ok(sdp) = sbc_media_relay::sdp::Sdp::parse(&body) {
+                if let Some(m) = sdp.media.iter().find(|m| m.port != 0) {
+                    self.internal_ports.lock().insert(m.port, key.clone());
+                    port = Some(m.port);
+                }
+            }
+        }
+        let mut survival = self.survival.lock();
+        let s = survival.entry(key.clone()).or_default();
+        if let Some(p) = port.filter(|p| !s.internal_ports.contains(p)) {
+            s.internal_ports.push(p);
+        }
+        if to_caller {
+            s.sdp_to_caller = Some(body);
+        } else {
+            s.sdp_to_callee = Some(body);
+        }
+    }
+
+    /// Whether an address is the relay's own (either side).
+    fn is_relay_addr(&self, addr: std::net::SocketAddr) -> bool {
+        let c = self.relay.config();
+        [&c.public, &c.internal]
+            .iter()
+            .any(|s| s.advertise.unwrap_or(s.bind) == addr.ip() || s.bind == addr.ip())
+    }
+
+    /// Looks at where the PBX sends this established dialog's media: our relay port of
+    /// another leg (a hairpin: saveable, paired with that leg) or its own address (the PBX
+    /// anchors the media: unsaveable).
+    fn pair(&self, key: &CallKey) {
+        let Some(stats) = self.relay.stats(key) else {
+            return;
+        };
+        let Some(leg) = stats.legs.iter().find(|l| l.side == Side::Internal) else {
+            return;
+        };
+        let Some(adv) = leg
+            .media
+            .iter()
+            .find_map(|m| m.rtp.advertised.filter(|a| a.port() != 0))
+        else {
+            return;
+        };
+        let verdict = if self.is_relay_addr(adv) {
+            let peer = self
+                .internal_ports
+                .lock()
+                .get(&adv.port())
+                .filter(|p| *p != key)
+                .cloned();
+            Some((true, peer))
+        } else {
+            Some((false, None))
+        };
+        let my_port = leg.media.iter().find_map(|m| m.relay_port);
+        {
+            let mut survival = self.survival.lock();
+            if let Some((saveable, peer)) = &verdict {
+                if let Some(p) = peer {
+                    let other = survival.entry(p.clone()).or_default();
+                    other.peer = Some(key.clone());
+                    other.saveable = Some(true);
+                }
+                let s = survival.entry(key.clone()).or_default();
+                s.saveable = Some(*saveable);
+                if peer.is_some() {
+                    s.peer = peer.clone();
+                }
+            }
+        }
+        // Once each side of the hairpin sends to the other (the second dialog's answer is
+        // in), the relay joins them: one hop instead of two.
+        if let (Some((_, Some(peer))), Some(my_port)) = (verdict, my_port) {
+            let mutual = self.relay.stats(&peer).is_some_and(|st| {
+                st.legs
+                    .iter()
+                    .filter(|l| l.side == Side::Internal)
+                    .flat_map(|l| l.media.iter())
+                    .any(|m| m.rtp.advertised.is_some_and(|a| a.port() == my_port))
+            });
+            if mutual && self.relay.join(key, &peer) {
+                metrics::counter!("sbc_media_joined_total").increment(1);
+                tracing::debug!(call = %key, %peer, "hairpin joined in the relay");
+            }
+        }
+    }
+
+    /// An in-dialog request (crossing from `in_side` to `out_side`) whose PBX is dead and
+    /// that cannot go around it: what the SBC knows to answer it by itself.
+    pub fn orphan(&self, msg: &Message, in_side: Side, out_side: Side) -> Option<Orphan> {
+        let cid = String::from_utf8_lossy(msg.call_id());
+        let from_tag = msg.from_tag().unwrap_or_default();
+        let (key, side) = self.key(cid.as_bytes(), from_tag, in_side, out_side, false);
+        let from_caller = side == in_side;
+        let dialog = self.dialog(&key);
+        let survival = self.survival.lock();
+        match survival.get(&key) {
+            Some(s) => Some(Orphan {
+                current_sdp: if from_caller {
+                    s.sdp_to_caller.clone()
+                } else {
+                    s.sdp_to_callee.clone()
+                },
+                peer: s.peer.clone(),
+                saveable: s.saveable,
+                key,
+                dialog,
+                from_caller,
+            }),
+            None => {
+                drop(survival);
+                // Released already (a BYE the dead PBX did not pass on): its peer may wait.
+                let peer = self.widowed.lock().remove(&key).map(|(p, _)| p)?;
+                Some(Orphan {
+                    key,
+                    dialog,
+                    from_caller,
+                    current_sdp: None,
+                    peer: Some(peer),
+                    saveable: Some(true),
+                })
+            }
+        }
+    }
+
+    /// Drops a relay call the SBC ended by itself (ports back, dialog forgotten).
+    pub fn end(&self, key: &CallKey) {
+        self.forget(key);
+        self.widowed.lock().remove(key);
+    }
+
+    /// A dialog's PBX died while it was up: counted once, as saved when it is a hairpin
+    /// (one count per pair: the pass or leg seen first).
+    pub fn count_outlived(&self, key: &CallKey) {
+        let was = {
+            let survival = self.survival.lock();
+            survival.get(key).map(|s| {
+                let peer_counted = s
+                    .peer
+                    .as_ref()
+                    .and_then(|p| survival.get(p))
+                    .is_some_and(|p| p.outlived.is_some());
+                (s.saveable, peer_counted)
+            })
+        };
+        let Some((saveable, peer_counted)) = was else {
+            return;
+        };
+        if !self.mark_outlived(key) {
+            return;
+        }
+        if saveable == Some(true) {
+            if !peer_counted {
+                metrics::counter!("sbc_calls_saved_total").increment(1);
+            }
+            tracing::info!(call = %key, "call outlives its PBX");
+        } else {
+            tracing::info!(call = %key, "call cannot outlive its PBX (the PBX anchors its media)");
+        }
+    }
+
+    /// Marks a dialog as having outlived its PBX; true the first time (for counting).
+    fn mark_outlived(&self, key: &CallKey) -> bool {
+        let mut survival = self.survival.lock();
+        let Some(s) = survival.get_mut(key) else {
+            return false;
+        };
+        if s.outlived.is_some() {
+            return false;
+        }
+        s.outlived = Some(std::time::Instant::now());
+        true
+    }
+
+    /// Sets how long an unsaveable call may stay silent on the PBX side after its node died.
+    pub fn set_unsaveable_after(&self, d: std::time::Duration) {
+        *self.unsaveable_after.lock() = d;
+    }
+
+    /// Calls with a dialog, for `/status`.
+    pub fn calls(&self) -> Vec<CallView> {
+        let survival = self.survival.lock();
+        let dialogs = self.dialogs.lock();
+        let mut v: Vec<CallView> = dialogs
+            .keys()
+            .map(|k| {
+                let s = survival.get(k);
+                CallView {
+                    call_id: k.call_id().to_string(),
+                    pass: k.discriminator().unwrap_or_default().to_string(),
+                    node: s.and_then(|s| s.node),
+                    peer: s.and_then(|s| s.peer.as_ref()).map(|p| p.to_string()),
+                    saveable: s.and_then(|s| s.saveable),
+                    outlived: s.is_some_and(|s| s.outlived.is_some()),
+                }
+            })
+            .collect();
+        v.sort_by(|a, b| (&a.call_id, &a.pass).cmp(&(&b.call_id, &b.pass)));
+        v
+    }
+
+    /// Once a second: dialogs whose node is dead are counted saved (hairpins) or, when the
+    /// PBX anchored their media, ended on both ends after `unsaveable_after` without a
+    /// packet from the PBX side. Returns the dialogs to hang up.
+    fn sweep_dead_nodes(&self, dead: &dyn Fn(usize) -> bool) -> Vec<(CallKey, Arc<DialogInfo>)> {
+        let after = *self.unsaveable_after.lock();
+        let now = std::time::Instant::now();
+        type Row = (CallKey, usize, Option<bool>, Option<std::time::Instant>);
+        let keys: Vec<Row> = self
+            .survival
+            .lock()
+            .iter()
+            .filter_map(|(k, s)| Some((k.clone(), s.node?, s.saveable, s.outlived)))
+            .filter(|(_, n, ..)| dead(*n))
+            .collect();
+        let mut end = Vec::new();
+        for (key, _node, saveable, outlived) in keys {
+            if self.dialog(&key).is_none() {
+                continue;
+            }
+            if outlived.is_none() {
+                self.count_outlived(&key);
+            }
+            if saveable == Some(true) {
+                continue;
+            }
+            // Unsaveable: wait until the PBX side has been silent for `after`.
+            let packets = self.relay.stats(&key).map(|st| {
+                st.legs
+                    .iter()
+                    .filter(|l| l.side == Side::Internal)
+                    .flat_map(|l| l.media.iter())
+                    .map(|m| m.rtp.packets)
+                    .sum::<u64>()
+            });
+            let mut survival = self.survival.lock();
+            let Some(s) = survival.get_mut(&key) else {
+                continue;
+            };
+            let since = s.outlived.unwrap_or(now);
+            match packets {
+                Some(p) if p != s.internal_packets => {
+                    s.internal_packets = p;
+                    s.outlived = Some(now);
+                }
+                _ if now.duration_since(since) >= after => {
+                    drop(survival);
+                    if let Some(d) = self.dialog(&key) {
+                        end.push((key, d));
+                    }
+                }
+                _ => {}
+            }
+        }
+        end
+    }
+
+    /// Forgets widowed entries nobody asked for within a minute.
+    fn expire_widowed(&self) {
+        let now = std::time::Instant::now();
+        self.widowed
+            .lock()
+            .retain(|_, (_, at)| now.duration_since(*at) < std::time::Duration::from_secs(60));
     }
 
     /// The dialog of a relay call, if it was established.
@@ -415,6 +820,15 @@ pub async fn run_events(
             },
             _ = publish.tick() => {
                 publish_metrics(&anchor);
+                anchor.expire_widowed();
+                let dead = |n: usize| proxy.node_dead(n);
+                for (key, d) in anchor.sweep_dead_nodes(&dead) {
+                    tracing::info!(call = %key, "call whose PBX anchored its media ended after its PBX died");
+                    metrics::counter!("sbc_calls_unsaveable_total").increment(1);
+                    metrics::counter!("sbc_calls_ended_locally_total").increment(1);
+                    anchor.end(&key);
+                    proxy.end_dialog(&d, "PBX unavailable");
+                }
                 continue;
             }
         };

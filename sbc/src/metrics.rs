@@ -133,6 +133,8 @@ pub const CATALOGUE: &[MetricDef] = &[
         "Dialogs up when their PBX node died whose media the PBX anchored itself: ended by the SBC with a BYE to the live end once the PBX side stayed silent for media.unsaveable_timeout_secs."),
     def("sbc_calls_ended_locally_total", Counter, None, &[],
         "Calls the SBC hung up itself because their PBX was dead: the other leg of a bridged call when one end hung up, and unsaveable dialogs."),
+    def("sbc_media_joined_total", Counter, None, &[],
+        "Hairpins joined in the relay: two dialogs a PBX bridged (or two passes of a proxied call) with media end to end through the SBC, forwarded from one leg's public socket straight out of the other's (one hop instead of two)."),
     def("sbc_dead_hop_skips_total", Counter, None, &["cause"],
         "In-dialog requests of proxied calls sent around their dead PBX to the far end, by why the PBX was passed over (down: health said so; timeout, transport: the request to it failed)."),
     // Transports (sbc/src/transport/stats.rs)

@@ -106,6 +106,33 @@ pub trait NodeSelector: Send + Sync {
     fn active(&self, pool: usize) -> Option<usize> {
         self.candidates(pool).first().copied()
     }
+    /// Whether health has judged `node` Down: an in-dialog request whose route set leads
+    /// through it and back to us skips it (the call outlives its PBX).
+    fn is_down(&self, _node: usize) -> bool {
+        false
+    }
+}
+
+/// How an in-dialog request reaches the far end of a proxied call around a dead PBX: the
+/// PBX's Route entries are dropped with ours around them, and the request goes where the
+/// second pass through the SBC would have sent it. Both relay passes see it.
+#[derive(Clone, Debug)]
+struct SkipHop {
+    dest: Dest,
+    public_flow: Option<Flow>,
+    /// Route values to remove from the top (ours, the dead node's, ours again).
+    pops: usize,
+    node: usize,
+}
+
+/// An in-dialog request sent to a PBX node that could skip it: if the node sends nothing
+/// within its pool's branch timeout, or fails at the transport, the request goes around it.
+struct SkipAlt {
+    /// `None`: no way around; the SBC answers for the PBX.
+    hop: Option<SkipHop>,
+    node: usize,
+    deadline: Instant,
+    answered: bool,
 }
 
 /// A new INVITE or REGISTER routed to a pool: the nodes it may still try. A node that sends
@@ -148,6 +175,11 @@ struct ProxyTx {
     /// Counts this transaction against its source's cap (`limits.max_transactions_per_source`)
     /// for as long as it lives.
     _tx_slot: Option<crate::ratelimit::TxSlot>,
+    /// An in-dialog request toward a PBX that can go around it if the PBX is dead.
+    skip_alt: Option<SkipAlt>,
+    /// The request went around a dead PBX: its media crossed both relay passes (sides
+    /// `media_sides.0` -> internal, then internal -> `media_sides.1`).
+    media_skip: bool,
 }
 
 struct Core {
@@ -181,7 +213,17 @@ pub struct Proxy {
     /// Requests the SBC originates itself (a BYE when a call's media died), by branch: the
     /// response wakes the task that retransmits it.
     local: Mutex<AHashMap<Box<[u8]>, tokio::sync::oneshot::Sender<Message>>>,
+    /// Nodes an in-dialog request recently timed out on, before health calls them Down: the
+    /// ACK and the requests after it skip them at once instead of each waiting out a branch
+    /// timeout. Any response from the node clears it.
+    dead_hops: Mutex<AHashMap<usize, Instant>>,
+    /// Itself, for work started from under the core lock that outlives the call (the BYE
+    /// on the other leg of a call whose PBX died).
+    me: std::sync::Weak<Proxy>,
 }
+
+/// How long a node stays in `dead_hops` without news.
+const DEAD_HOP_TTL: Duration = Duration::from_secs(30);
 
 /// Branch prefix of requests the SBC originates, so their responses are not stray.
 const LOCAL_BRANCH: &[u8] = b"z9hG4bK-sbcl-";
@@ -206,13 +248,22 @@ enum Target {
         pool: usize,
         public_flow: Option<Flow>,
     },
+    /// An in-dialog request around a dead PBX (see [`SkipHop`]).
+    Skip(SkipHop),
+    /// An in-dialog request for a dead PBX node with no way around it: the SBC answers it
+    /// for the PBX (see [`Proxy::answer_orphan`]).
+    Orphan {
+        node: usize,
+        dest: Dest,
+    },
     Local(u16, &'static str),
     Drop,
 }
 
 impl Proxy {
     pub fn new(settings: ProxySettings, routes: RouteTable) -> Arc<Proxy> {
-        Arc::new(Proxy {
+        Arc::new_cyclic(|me| Proxy {
+            me: me.clone(),
             core: Mutex::new(Core {
                 // Room for a few seconds of a busy SBC before the first growth.
                 txs: AHashMap::with_capacity(INITIAL_TXS),
@@ -234,6 +285,7 @@ impl Proxy {
             media: OnceLock::new(),
             limiter: OnceLock::new(),
             local: Mutex::new(AHashMap::default()),
+            dead_hops: Mutex::new(AHashMap::default()),
         })
     }
 
@@ -274,7 +326,18 @@ impl Proxy {
         let above = rr.len().checked_sub(below + ours)?;
         let routes_to_callee = rr[..above].iter().rev().cloned().collect();
         let routes_to_caller = rr[above + ours..].to_vec();
+        let node = {
+            let routes = self.routes.read();
+            let callee = match callee_dest {
+                Dest::Flow(f) => f.remote,
+                Dest::Addr { remote, .. } => *remote,
+            };
+            routes
+                .node_by_addr(callee)
+                .or_else(|| routes.node_by_addr(caller_flow.remote))
+        };
         Some(crate::media::DialogInfo {
+            node,
             call_id: text(request.call_id()),
             caller_from: text(request.header_value(HeaderName::From)?),
             callee_to: text(ok.header_value(HeaderName::To)?),
@@ -288,10 +351,55 @@ impl Proxy {
         })
     }
 
+    /// Whether in-dialog requests treat `node` as dead: health has it Down, or an in-dialog
+    /// request timed out on it lately.
+    pub fn node_dead(&self, node: usize) -> bool {
+        if self
+            .selector
+            .read()
+            .as_ref()
+            .is_some_and(|s| s.is_down(node))
+        {
+            return true;
+        }
+        self.dead_hops
+            .lock()
+            .get(&node)
+            .is_some_and(|at| at.elapsed() < DEAD_HOP_TTL)
+    }
+
+    /// A node's configured name (for `/status`).
+    pub fn node_name(&self, node: usize) -> Option<String> {
+        self.routes.read().nodes.get(node).map(|n| n.name.clone())
+    }
+
+    /// Whether a destination is a PBX node that is dead for in-dialog requests.
+    fn dest_dead_node(&self, dest: &Dest) -> Option<usize> {
+        let remote = match dest {
+            Dest::Flow(f) => f.remote,
+            Dest::Addr { remote, .. } => *remote,
+        };
+        let n = self.routes.read().node_by_addr(remote)?;
+        self.node_dead(n).then_some(n)
+    }
+
     /// Hangs a dialog up from the middle: a BYE to each end, each as if the other end sent
     /// it (its tags, its route set), with a Reason. Used when the relay saw the call's media
-    /// die, so both phones stop showing a dead call and both ends' accounting closes.
+    /// die, so both phones stop showing a dead call and both ends' accounting closes. An end
+    /// that is a dead PBX node is spared the BYE.
     pub fn end_dialog(self: &Arc<Self>, d: &crate::media::DialogInfo, reason: &str) {
+        self.end_leg(d, true, reason);
+        self.end_leg(d, false, reason);
+    }
+
+    /// Sends a BYE to one end of a dialog (`toward_caller` or the callee), in the dialog's
+    /// own terms, as if the other end sent it; nothing if that end is a dead PBX node.
+    pub fn end_leg(
+        self: &Arc<Self>,
+        d: &crate::media::DialogInfo,
+        toward_caller: bool,
+        reason: &str,
+    ) {
         // Toward the callee: as the caller, CSeq well above the caller's INVITE (the caller
         // may have sent re-INVITEs since). Toward the caller: as the callee, CSeq above any
         // the callee is likely to have used.
@@ -311,14 +419,19 @@ impl Proxy {
             &*d.caller_from,
             2_000_000_000,
         );
-        for (dest, target, routes, from, to, cseq) in [to_callee, to_caller] {
+        let end = if toward_caller { to_caller } else { to_callee };
+        {
+            let (dest, target, routes, from, to, cseq) = end;
+            if self.dest_dead_node(&dest).is_some() {
+                return;
+            }
             let listener = match &dest {
                 Dest::Flow(f) => self.listener_for_flow(f),
                 Dest::Addr {
                     transport, remote, ..
                 } => self.pick_listener(*transport, *remote, true),
             };
-            let Some(l) = listener else { continue };
+            let Some(l) = listener else { return };
             let n: u64 = rand::random();
             let branch = format!("{}{n:x}", String::from_utf8_lossy(LOCAL_BRANCH));
             let mut req = String::with_capacity(512);
@@ -507,6 +620,7 @@ impl Proxy {
             public_flow,
             &via,
             tx.media_body.as_deref(),
+            None,
         ) else {
             return false;
         };
@@ -535,6 +649,237 @@ impl Proxy {
             f.suspect_at = f.suspect_after.map(|d| now + d);
         }
         true
+    }
+
+    /// The way around the PBX for an in-dialog request sent to `dest`, if `dest` is a PBX
+    /// node that record-routed between two passes of this dialog through us.
+    fn skip_alternative(
+        &self,
+        msg: &Message,
+        inb: &Inbound,
+        dest: &Dest,
+        now: Instant,
+    ) -> Option<SkipAlt> {
+        let remote = match dest {
+            Dest::Flow(f) => f.remote,
+            Dest::Addr { remote, .. } => *remote,
+        };
+        let (node, timeout) = {
+            let routes = self.routes.read();
+            let node = routes.node_by_addr(remote)?;
+            let pool = routes.nodes.get(node)?.pool;
+            let timeout = routes
+                .pools
+                .get(pool)
+                .map_or(Duration::from_secs(1), |p| p.branch_timeout);
+            (node, timeout)
+        };
+        let hop = match self.route_around(msg, inb, Some(node)) {
+            Target::Skip(hop) => Some(hop),
+            // Only calls the relay anchors can be answered for.
+            Target::Orphan { .. } if self.media.get().is_some() => None,
+            _ => return None,
+        };
+        Some(SkipAlt {
+            hop,
+            node,
+            deadline: branch_deadline(now, timeout),
+            answered: false,
+        })
+    }
+
+    /// An in-dialog request's PBX failed it (`outcome`): the request goes around the PBX to
+    /// the far end, through both relay passes. Returns false when there is no way around.
+    fn skip_hop(
+        &self,
+        tx: &mut ProxyTx,
+        client_idx: &mut AHashMap<TxKey, u64>,
+        id: u64,
+        outcome: NodeOutcome,
+        now: Instant,
+    ) -> bool {
+        if tx.final_sent {
+            return false;
+        }
+        let Some(alt) = tx.skip_alt.take() else {
+            return false;
+        };
+        self.observe(alt.node, outcome);
+        self.dead_hops.lock().insert(alt.node, now);
+        let Some(hop) = alt.hop else {
+            // No way around: the SBC answers for the dead PBX.
+            let Some(dest) = tx.branch.as_ref().map(|b| b.dest.clone()) else {
+                return false;
+            };
+            let Some((status, bytes)) = self.answer_orphan(&tx.request, &tx.in_flow, &dest) else {
+                return false;
+            };
+            if let Some(old) = tx.branch.take() {
+                let mut old_tx = old.tx;
+                old_tx.terminate();
+                client_idx.remove(&old.key);
+                if let Some((_, k)) = old.cancel {
+                    client_idx.remove(&k);
+                }
+            }
+            tx.timer_c = None;
+            if tx.server.send_response(status, bytes, now) {
+                tx.final_sent = true;
+                count_response(tx.method, status, "local");
+            }
+            return true;
+        };
+        metrics::counter!("sbc_dead_hop_skips_total", "cause" => outcome_label(outcome))
+            .increment(1);
+        tracing::info!(node = hop.node, ?outcome, call_id = %String::from_utf8_lossy(tx.request.call_id()), "in-dialog request goes around its dead PBX");
+        if let Some(old) = tx.branch.take() {
+            let mut old_tx = old.tx;
+            old_tx.terminate();
+            client_idx.remove(&old.key);
+            if let Some((_, k)) = old.cancel {
+                client_idx.remove(&k);
+            }
+        }
+        tx.timer_c = None;
+        let mut body = tx.media_body.clone();
+        if let (Some(m), Some((si, _))) = (self.media.get(), tx.media_sides) {
+            let so = self.media_side_of_dest(&hop.dest);
+            let src: &[u8] = body.as_deref().unwrap_or(tx.request.body());
+            match m.on_request_body(&tx.request, src, MediaSide::Internal, so) {
+                MediaAction::Body(b) => body = Some(Bytes::from(b)),
+                MediaAction::Pass => {}
+                MediaAction::Refuse(status, err) => {
+                    tracing::warn!(error = %err, status, "media of a request around a dead PBX refused");
+                    self.local_final(tx, status, "Service Unavailable", now);
+                    return true;
+                }
+            }
+            tx.media_sides = Some((si, so));
+            tx.media_skip = true;
+        }
+        let Some(via) = tx.request.top_via() else {
+            return false;
+        };
+        let Some((bytes, branch, record_routes)) = self.forward(
+            &tx.request,
+            &tx.in_flow,
+            &hop.dest,
+            hop.public_flow,
+            &via,
+            body.as_deref(),
+            Some(hop.pops),
+        ) else {
+            return false;
+        };
+        let key = TxKey {
+            branch,
+            method: method_key(tx.method),
+        };
+        tx.branch = Some(Branch {
+            tx: ClientTransaction::new(
+                tx.method == Method::Invite,
+                dest_transport(&hop.dest).is_reliable(),
+                bytes.clone(),
+                now,
+                self.settings.timers,
+            ),
+            key: key.clone(),
+            dest: hop.dest,
+            out: bytes,
+            cancel: None,
+            record_routes,
+        });
+        client_idx.insert(key, id);
+        true
+    }
+
+    /// Answers an in-dialog request for a dead PBX that has no way around it, as the PBX
+    /// would have: a BYE gets 200 and the SBC hangs up the other leg of the hairpin in that
+    /// dialog's own terms; a session refresh (re-INVITE, UPDATE) of a call whose media runs
+    /// end to end through the relay gets 200 with the SDP its sender last received from us;
+    /// an in-dialog OPTIONS gets 200; anything else a clear 503, and a dialog the SBC does
+    /// not know 481. An ACK gets nothing (it completes a 200 the SBC sent). `dest` is where
+    /// the request would have gone.
+    fn answer_orphan(&self, msg: &Message, in_flow: &Flow, dest: &Dest) -> Option<(u16, Bytes)> {
+        let method = msg.method()?;
+        if matches!(method, Method::Ack | Method::Cancel) {
+            return None;
+        }
+        let in_side = self.media_side(in_flow.remote, in_flow.transport.is_reliable());
+        let out_side = self.media_side_of_dest(dest);
+        let media = self.media.get();
+        let orphan = media.and_then(|m| m.orphan(msg, in_side, out_side));
+        let mut extra = String::new();
+        let mut body: Option<Arc<[u8]>> = None;
+        let (status, reason) = match (&orphan, media) {
+            (Some(o), Some(m)) => {
+                m.count_outlived(&o.key);
+                if let Some(d) = &o.dialog {
+                    let target = if o.from_caller {
+                        &d.callee_target
+                    } else {
+                        &d.caller_target
+                    };
+                    let _ = write!(extra, "Contact: <{target}>\r\n");
+                }
+                match method {
+                    Method::Bye => {
+                        m.end(&o.key);
+                        if let Some(peer) = &o.peer {
+                            if let Some(pd) = m.dialog(peer) {
+                                // Hang up the end of the other leg that is not the PBX.
+                                let pbx_is_callee = {
+                                    let r = match &pd.callee_dest {
+                                        Dest::Flow(f) => f.remote,
+                                        Dest::Addr { remote, .. } => *remote,
+                                    };
+                                    self.routes.read().node_by_addr(r).is_some()
+                                };
+                                if let Some(me) = self.me.upgrade() {
+                                    me.end_leg(&pd, pbx_is_callee, "PBX unavailable");
+                                }
+                                metrics::counter!("sbc_calls_ended_locally_total").increment(1);
+                            }
+                            m.end(peer);
+                        }
+                        (200, "OK")
+                    }
+                    Method::Invite | Method::Update if o.saveable == Some(true) => {
+                        if crate::media::has_sdp(msg) {
+                            // The sender's new SDP still steers the relay (a moved address).
+                            let _ = m.on_request(msg, in_side, out_side);
+                        }
+                        body = o.current_sdp.clone();
+                        if let Some(se) = msg.header_value(HeaderName::SessionExpires) {
+                            let se = sbc_sip::scan::trim(se);
+                            let secs = se.split(|&b| b == b';').next().unwrap_or_default();
+                            let _ = write!(
+                                extra,
+                                "Session-Expires: {};refresher=uac\r\nRequire: timer\r\n",
+                                String::from_utf8_lossy(sbc_sip::scan::trim(secs))
+                            );
+                        }
+                        (200, "OK")
+                    }
+                    Method::Options => (200, "OK"),
+                    _ => (503, "Service Unavailable (PBX down)"),
+                }
+            }
+            _ => (481, "Call/Transaction Does Not Exist"),
+        };
+        let bytes = edit::response(
+            msg,
+            status,
+            reason,
+            &ResponseOpts {
+                extra: extra.as_bytes(),
+                body: body.as_deref().map(|b| ("application/sdp", b)),
+                source: Some((in_flow.remote.ip(), in_flow.remote.port())),
+                server: Some(&self.settings.name),
+                ..Default::default()
+            },
+        );
+        Some((status, Bytes::from(bytes)))
     }
 
     pub fn transaction_count(&self) -> usize {
@@ -612,6 +957,13 @@ impl Proxy {
                         let node = f.nodes[f.pos].0;
                         self.observe(node, NodeOutcome::Slow);
                     }
+                }
+                if tx
+                    .skip_alt
+                    .as_ref()
+                    .is_some_and(|a| !a.answered && a.deadline <= now)
+                {
+                    self.skip_hop(tx, client_idx, id, NodeOutcome::Timeout, now);
                 }
                 let branch_expired = tx
                     .failover
@@ -734,6 +1086,9 @@ impl Proxy {
                 txs, client_idx, ..
             } = &mut *core;
             if let Some(tx) = txs.get_mut(&id) {
+                if tx.skip_alt.is_some() && self.skip_hop(tx, client_idx, id, outcome, now) {
+                    return self.drive(core, id, now, out);
+                }
                 if self.next_node(tx, client_idx, id, outcome, now) {
                     // A fresh branch: drive again to send it.
                     return self.drive(core, id, now, out);
@@ -827,6 +1182,9 @@ impl Proxy {
         if let Some(f) = tx.failover.as_ref().filter(|f| !f.answered) {
             next = min_opt(next, f.deadline);
             next = min_opt(next, f.suspect_at);
+        }
+        if let Some(a) = tx.skip_alt.as_ref().filter(|a| !a.answered) {
+            next = min_opt(next, Some(a.deadline));
         }
         if let Some(at) = next {
             let at = core.wheel.round(at);
@@ -928,28 +1286,37 @@ impl Proxy {
                 }
             }
             // ACK for a 2xx: end to end, stateless.
-            match self.route(&msg, inb) {
-                Target::Forward { dest, public_flow } => {
-                    let body = self
-                        .media
-                        .get()
-                        .filter(|_| crate::media::has_sdp(&msg))
-                        .and_then(|m| {
-                            let si =
-                                self.media_side(inb.flow.remote, inb.flow.transport.is_reliable());
-                            match m.on_request(&msg, si, self.media_side_of_dest(&dest)) {
-                                MediaAction::Body(b) => Some(b),
-                                _ => None,
-                            }
-                        });
-                    if let Some((bytes, _, _)) =
-                        self.forward(&msg, &inb.flow, &dest, public_flow, &via, body.as_deref())
-                    {
-                        out.push((dest, bytes));
-                    }
+            let (dest, public_flow, pops) = match self.route(&msg, inb) {
+                Target::Forward { dest, public_flow } => (dest, public_flow, None),
+                Target::Skip(h) => (h.dest, h.public_flow, Some(h.pops)),
+                _ => {
+                    metrics::counter!("sbc_dropped_total", "reason" => "ack_unroutable")
+                        .increment(1);
+                    return;
                 }
-                _ => metrics::counter!("sbc_dropped_total", "reason" => "ack_unroutable")
-                    .increment(1),
+            };
+            let body = self
+                .media
+                .get()
+                .filter(|_| crate::media::has_sdp(&msg))
+                .and_then(|m| {
+                    let si = self.media_side(inb.flow.remote, inb.flow.transport.is_reliable());
+                    let so = self.media_side_of_dest(&dest);
+                    match media_request(m, &msg, si, so, pops.is_some()) {
+                        MediaAction::Body(b) => Some(b),
+                        _ => None,
+                    }
+                });
+            if let Some((bytes, _, _)) = self.forward(
+                &msg,
+                &inb.flow,
+                &dest,
+                public_flow,
+                &via,
+                body.as_deref(),
+                pops,
+            ) {
+                out.push((dest, bytes));
             }
             return;
         }
@@ -1036,8 +1403,20 @@ impl Proxy {
         };
         let target = self.route(&msg, inb);
         let mut failover = None;
-        let (dest, public_flow) = match target {
-            Target::Forward { dest, public_flow } => (dest, public_flow),
+        let (dest, public_flow, pops) = match target {
+            Target::Forward { dest, public_flow } => (dest, public_flow, None),
+            Target::Skip(h) => {
+                metrics::counter!("sbc_dead_hop_skips_total", "cause" => "down").increment(1);
+                (h.dest, h.public_flow, Some(h.pops))
+            }
+            Target::Orphan { node, dest } => {
+                tracing::debug!(node, "in-dialog request for a dead PBX answered by the SBC");
+                if let Some((status, bytes)) = self.answer_orphan(&msg, &inb.flow, &dest) {
+                    count_response(method, status, "local");
+                    out.push((Dest::Flow(inb.flow), bytes));
+                }
+                return;
+            }
             Target::Pool { pool, public_flow } => {
                 let routes = self.routes.read().clone();
                 if method == Method::Register {
@@ -1081,7 +1460,7 @@ impl Proxy {
                     suspect_at: suspect_after.filter(|_| timed).map(|d| now + d),
                     suspect_after,
                 });
-                (first, public_flow)
+                (first, public_flow, None)
             }
             Target::Local(status, reason) => {
                 if method == Method::Invite && status >= 300 {
@@ -1108,7 +1487,7 @@ impl Proxy {
                 self.media_side(inb.flow.remote, inb.flow.transport.is_reliable()),
                 self.media_side_of_dest(&dest),
             );
-            match m.on_request(&msg, sides.0, sides.1) {
+            match media_request(m, &msg, sides.0, sides.1, pops.is_some()) {
                 MediaAction::Pass => {}
                 MediaAction::Body(b) => {
                     media_offer = matches!(method, Method::Invite | Method::Update);
@@ -1139,8 +1518,16 @@ impl Proxy {
             public_flow,
             &via,
             media_body.as_deref(),
+            pops,
         ) else {
             return self.reply(&msg, inb, 500, "Server Internal Error", out);
+        };
+        // An in-dialog request toward a PBX that proxies this call: if the PBX turns out
+        // dead, the request goes around it (see `skip_hop`).
+        let skip_alt = if pops.is_none() && failover.is_none() && msg.to_tag().is_some() {
+            self.skip_alternative(&msg, inb, &dest, now)
+        } else {
+            None
         };
 
         let invite = method == Method::Invite;
@@ -1198,6 +1585,8 @@ impl Proxy {
             media_sides,
             media_body,
             _tx_slot: tx_slot,
+            skip_alt,
+            media_skip: pops.is_some(),
         };
         core.txs.insert(id, Box::new(tx));
         core.server_idx.insert(key, id);
@@ -1244,6 +1633,8 @@ impl Proxy {
             local_tag: id ^ 0x5bc0_0000,
             failover: None,
             _tx_slot: None,
+            skip_alt: None,
+            media_skip: false,
         };
         self.local_final(&mut tx, status, reason, now);
         core.txs.insert(id, Box::new(tx));
@@ -1274,30 +1665,142 @@ impl Proxy {
 
     /// Decides where a request goes (RFC 3261 16.4-16.5 with the SBC's policy).
     fn route(&self, msg: &Message, inb: &Inbound) -> Target {
+        self.route_around(msg, inb, None)
+    }
+
+    /// [`Proxy::route`], taking `assume_down` (a node an in-dialog request just timed out
+    /// on) for dead like the nodes health calls Down: a route set that leads through a dead
+    /// node and back to us skips it ([`Target::Skip`]).
+    fn route_around(&self, msg: &Message, inb: &Inbound, assume_down: Option<usize>) -> Target {
+        let mut skipped = None;
+        match self.route_inner(msg, inb, assume_down, &mut skipped) {
+            Target::Forward { dest, public_flow } => match skipped {
+                Some((pops, node)) => Target::Skip(SkipHop {
+                    dest,
+                    public_flow,
+                    pops,
+                    node,
+                }),
+                None => {
+                    let in_dialog = msg.to_tag().is_some() && msg.method() != Some(Method::Cancel);
+                    let dead = in_dialog
+                        .then(|| {
+                            let remote = match &dest {
+                                Dest::Flow(f) => f.remote,
+                                Dest::Addr { remote, .. } => *remote,
+                            };
+                            let n = self.routes.read().node_by_addr(remote)?;
+                            (assume_down == Some(n) || self.node_dead(n)).then_some(n)
+                        })
+                        .flatten();
+                    match dead {
+                        Some(node) => Target::Orphan { node, dest },
+                        None => Target::Forward { dest, public_flow },
+                    }
+                }
+            },
+            t => t,
+        }
+    }
+
+    /// Whether a Route URI names a PBX node that is dead for in-dialog requests: Down in
+    /// health, timed out on recently, or `assume_down`.
+    fn dead_hop(
+        &self,
+        routes: &RouteTable,
+        uri: &Uri<'_>,
+        assume_down: Option<usize>,
+    ) -> Option<usize> {
+        let addr = SocketAddr::new(uri.host_ip()?, uri.port_or_default());
+        let n = routes.node_by_addr(addr)?;
+        if assume_down == Some(n) {
+            return Some(n);
+        }
+        if self.selector.read().as_ref().is_some_and(|s| s.is_down(n)) {
+            return Some(n);
+        }
+        let mut dead = self.dead_hops.lock();
+        match dead.get(&n) {
+            Some(at) if at.elapsed() < DEAD_HOP_TTL => Some(n),
+            Some(_) => {
+                dead.remove(&n);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn route_inner(
+        &self,
+        msg: &Message,
+        inb: &Inbound,
+        assume_down: Option<usize>,
+        skipped: &mut Option<(usize, usize)>,
+    ) -> Target {
         let routes = self.routes.read().clone();
         let method = msg.method().unwrap_or(Method::Other);
-        let source = routes.classify(inb.flow.remote, inb.flow.transport.is_reliable());
+        let mut source = routes.classify(inb.flow.remote, inb.flow.transport.is_reliable());
         if source == Source::Denied {
             metrics::counter!("sbc_rejected_total", "reason" => "source").increment(1);
             return Target::Local(403, "Forbidden");
         }
-        // Pop our own Route entries (one or two), remembering a flow token.
+        // Pop our own Route entries (one or two), remembering a flow token. In a dialog
+        // whose PBX proxies (it record-routed between two passes through us), a dead PBX's
+        // entries are popped too when ours follow them: the request goes on as if the PBX
+        // had sent it back to us.
         let mut token: Option<Flow> = None;
         let mut next_route: Option<NameAddr<'_>> = None;
-        for (_, v) in msg.values(HeaderName::Route) {
+        let values: SmallVec<[&[u8]; 8]> = msg.values(HeaderName::Route).map(|(_, v)| v).collect();
+        let mut parsed: SmallVec<[NameAddr<'_>; 8]> = SmallVec::new();
+        for v in &values {
             let Ok(na) = NameAddr::parse(v) else {
                 return Target::Local(400, "Bad Request (Route)");
             };
+            parsed.push(na);
+        }
+        let in_dialog_request = msg.to_tag().is_some() && method != Method::Cancel;
+        let mut i = 0;
+        while i < parsed.len() {
+            let na = &parsed[i];
             if self.is_local_uri(na.uri_raw) {
                 if let Some(user) = na.uri.user {
                     if let Some(f) = self.tokens.decode(user) {
                         token = Some(f);
                     }
                 }
+                i += 1;
                 continue;
             }
-            next_route = Some(na);
+            if in_dialog_request {
+                if let Some(n) = self.dead_hop(&routes, &na.uri, assume_down) {
+                    let mut j = i + 1;
+                    while j < parsed.len()
+                        && !self.is_local_uri(parsed[j].uri_raw)
+                        && self.dead_hop(&routes, &parsed[j].uri, Some(n)) == Some(n)
+                    {
+                        j += 1;
+                    }
+                    if j < parsed.len() && self.is_local_uri(parsed[j].uri_raw) {
+                        // The not-open-relay rule still holds for the original sender.
+                        if source == Source::Public && !self.registrations.has_flow(&inb.flow) {
+                            metrics::counter!("sbc_rejected_total", "reason" => "unknown_source")
+                                .increment(1);
+                            return Target::Local(403, "Forbidden");
+                        }
+                        // The flow token of the first pass names the sender's side.
+                        token = None;
+                        source = Source::Node(n);
+                        i = j;
+                        *skipped = Some((0, n));
+                        continue;
+                    }
+                }
+            }
+            next_route = Some(na.clone());
             break;
+        }
+        if let Some((pops, _)) = skipped.as_mut() {
+            *pops = i;
         }
         let from_node = matches!(source, Source::Node(_));
         let public_flow = match source {
@@ -1574,7 +2077,9 @@ impl Proxy {
 
     /// Builds the forwarded request: our Via, received/rport, Max-Forwards, popped Routes,
     /// Record-Route for dialog-creating requests, Path (and Supported: path) for REGISTER.
-    /// Returns it with the branch of our Via, the client transaction's key.
+    /// Returns it with the branch of our Via, the client transaction's key. `pops` (a
+    /// request around a dead PBX) removes that many Route values instead of only ours.
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         msg: &Message,
@@ -1583,6 +2088,7 @@ impl Proxy {
         public_flow: Option<Flow>,
         via: &sbc_sip::via::Via<'_>,
         body: Option<&[u8]>,
+        pops: Option<usize>,
     ) -> Option<(Bytes, Box<[u8]>, u8)> {
         let method = msg.method().unwrap_or(Method::Other);
         let (out_transport, remote) = match dest {
@@ -1628,7 +2134,30 @@ impl Proxy {
             _ => e.insert(msg.headers_end(), b"Max-Forwards: 70\r\n"),
         }
         // Our Route entries.
+        if let Some(p) = pops {
+            // A line whose values all go is removed whole; otherwise value by value.
+            let all: SmallVec<[(&sbc_sip::message::Header, &[u8]); 8]> =
+                msg.values(HeaderName::Route).collect();
+            let mut last_line = None;
+            for (h, v) in all.iter().take(p) {
+                let line = h.line.range();
+                let whole = all
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (h2, _))| h2.line.range() == line)
+                    .all(|(k2, _)| k2 < p);
+                if !whole {
+                    e.delete(edit::remove_value_range(msg, h, v));
+                } else if last_line != Some(line.start) {
+                    last_line = Some(line.start);
+                    e.delete(line);
+                }
+            }
+        }
         for (h, v) in msg.values(HeaderName::Route) {
+            if pops.is_some() {
+                break;
+            }
             let Ok(na) = NameAddr::parse(v) else { break };
             if !self.is_local_uri(na.uri_raw) {
                 break;
@@ -1744,6 +2273,11 @@ impl Proxy {
             let Some(tx) = core.txs.get_mut(&id) else {
                 return;
             };
+            if let Some(a) = tx.skip_alt.as_mut().filter(|a| !a.answered) {
+                // The PBX is alive after all.
+                a.answered = true;
+                self.dead_hops.lock().remove(&a.node);
+            }
             let Some(b) = tx.branch.as_mut() else {
                 return;
             };
@@ -1817,9 +2351,14 @@ impl Proxy {
                     e.delete(edit::remove_value_range(&msg, h, via.raw));
                 }
                 if let (Some(m), Some((si, so))) = (self.media.get(), tx.media_sides) {
-                    if let MediaAction::Body(b) =
-                        m.on_response(&tx.request, tx.media_offer, si, so, &msg)
-                    {
+                    if let MediaAction::Body(b) = media_response(
+                        m,
+                        &tx.request,
+                        tx.media_offer,
+                        (si, so),
+                        tx.media_skip,
+                        &msg,
+                    ) {
                         edit::replace_body(&msg, &b, &mut e);
                     }
                     if (200..300).contains(&status)
@@ -2028,6 +2567,53 @@ impl Handler for Proxy {
 
     fn on_send_error(&self, dest: &Dest, data: &Bytes, err: &SendError) {
         self.send_failed(dest, data, err);
+    }
+}
+
+/// The relay's view of a request: one pass, or (`skip`: around a dead PBX) both passes of
+/// a proxied call, `in_side` -> internal, then internal -> `out_side`.
+fn media_request(
+    m: &MediaAnchor,
+    msg: &Message,
+    in_side: MediaSide,
+    out_side: MediaSide,
+    skip: bool,
+) -> MediaAction {
+    if !skip {
+        return m.on_request(msg, in_side, out_side);
+    }
+    match m.on_request(msg, in_side, MediaSide::Internal) {
+        MediaAction::Body(b) => match m.on_request_body(msg, &b, MediaSide::Internal, out_side) {
+            MediaAction::Pass => MediaAction::Body(b),
+            other => other,
+        },
+        MediaAction::Pass => m.on_request(msg, MediaSide::Internal, out_side),
+        refused => refused,
+    }
+}
+
+/// The relay's view of a response to `request` (see [`media_request`]; the passes are
+/// crossed in the reverse order).
+fn media_response(
+    m: &MediaAnchor,
+    request: &Message,
+    offered: bool,
+    sides: (MediaSide, MediaSide),
+    skip: bool,
+    msg: &Message,
+) -> MediaAction {
+    let (si, so) = sides;
+    if !skip {
+        return m.on_response(request, offered, si, so, msg);
+    }
+    match m.on_response(request, offered, MediaSide::Internal, so, msg) {
+        MediaAction::Body(b) => {
+            match m.on_response_body(request, offered, si, MediaSide::Internal, msg, &b) {
+                MediaAction::Pass => MediaAction::Body(b),
+                other => other,
+            }
+        }
+        _ => m.on_response(request, offered, si, MediaSide::Internal, msg),
     }
 }
 

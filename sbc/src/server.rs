@@ -117,6 +117,7 @@ impl Sbc {
                 sbc_media_relay::Relay::start(crate::media::relay_config(&cfg.media))
                     .map_err(StartError::Media)?;
             let anchor = Arc::new(crate::media::MediaAnchor::new(relay));
+            anchor.set_unsaveable_after(cfg.media.unsaveable_timeout);
             proxy.set_media(anchor.clone());
             Some(tokio::spawn(crate::media::run_events(
                 proxy.clone(),
@@ -386,5 +387,12 @@ impl NodeSelector for HealthSelector {
             }
         }
         self.health.observe(node, outcome);
+    }
+
+    fn is_down(&self, node: usize) -> bool {
+        matches!(
+            self.health.node_state(node),
+            Some(sbc_health::NodeState::Down)
+        )
     }
 }

@@ -8,6 +8,7 @@
 //!   with optional NAT simulation (Contact names a port that is not the real one);
 //! - [`trunk::Trunk`]: a carrier on its own address (the same UA core, no registration);
 //! - [`pbx::Pbx`]: a registrar (digest, Path) and stateless record-routing proxy;
+//! - [`b2bua::B2bua`]: a PBX that bridges calls as a B2BUA (direct media or its own);
 //! - [`digest`]: MD5 digest, both sides; [`pki`]: throw-away CA and certificates;
 //! - [`http_stub`]: a tiny HTTP server (PBX web server, witness URL, webhook receiver);
 //! - [`load`]: bounded call and registration load with per-operation records, and a
@@ -15,6 +16,7 @@
 //!
 //! Peers only ever use 127.0.0.0/8 or ::1 addresses.
 
+pub mod b2bua;
 pub mod digest;
 pub mod http_stub;
 pub mod kamailio;
