@@ -161,6 +161,7 @@ pub(crate) struct RawPhones {
     pub expires_secs: Option<Int>,
     pub expires_spread_percent: Option<Int>,
     pub reregister_rate: Option<Int>,
+    pub hide_topology: Option<Bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

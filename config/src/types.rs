@@ -820,6 +820,10 @@ pub struct Phones {
     /// flows per second at most, so the standby is not stormed
     /// (`reregister_rate`, 0 = off, default 50).
     pub reregister_rate: u32,
+    /// Topology hiding (`hide_topology`, default true): requests from phones leave with the
+    /// SBC's Via only, and phones' Contacts become sealed aliases on the SBC, so no PBX or
+    /// carrier sees a phone's address in SIP (the media relay already hides it in SDP).
+    pub hide_topology: bool,
 }
 
 impl Default for Phones {
@@ -832,6 +836,7 @@ impl Default for Phones {
             expires: Some(Duration::from_secs(120)),
             expires_spread_percent: 10,
             reregister_rate: 50,
+            hide_topology: true,
         }
     }
 }

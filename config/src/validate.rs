@@ -1146,6 +1146,10 @@ impl Ctx<'_> {
             expires: (expires > 0).then(|| Duration::from_secs(expires)),
             expires_spread_percent: u32::try_from(spread).unwrap_or(10),
             reregister_rate: u32::try_from(rate).unwrap_or(50),
+            hide_topology: raw
+                .hide_topology
+                .as_ref()
+                .map_or(d.hide_topology, |b| *b.get_ref()),
         })
     }
 

@@ -78,6 +78,8 @@ pub struct RouteTable {
     pub phone_expires: Option<std::time::Duration>,
     pub phone_expires_spread_percent: u32,
     pub reregister_rate: u32,
+    /// Topology hiding toward PBXs and trunks (see `sbc_config::Phones::hide_topology`).
+    pub hide_topology: bool,
 }
 
 impl RouteTable {
@@ -135,6 +137,7 @@ impl RouteTable {
             phone_expires: cfg.phones.expires,
             phone_expires_spread_percent: cfg.phones.expires_spread_percent,
             reregister_rate: cfg.phones.reregister_rate,
+            hide_topology: cfg.phones.hide_topology,
         }
     }
 

@@ -55,6 +55,31 @@ impl FlowTokens {
         h.finish().to_be_bytes()
     }
 
+    /// Seals arbitrary bytes (a phone's Contact URI that topology hiding replaces) into text
+    /// safe in a URI parameter value: base64url of the bytes, a dot, and the hex MAC. Only the
+    /// SBC can make one, so an alias in a Request-URI cannot be forged to make the SBC send a
+    /// request to an address of the sender's choosing.
+    pub fn seal(&self, data: &[u8]) -> String {
+        use base64::Engine as _;
+        let mut out = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data);
+        out.push('.');
+        out.push_str(&hex::encode(self.tag(data)));
+        out
+    }
+
+    /// The bytes a [`FlowTokens::seal`] text carries, if its MAC is ours.
+    pub fn open(&self, text: &[u8]) -> Option<Vec<u8>> {
+        use base64::Engine as _;
+        let dot = text.iter().rposition(|&b| b == b'.')?;
+        let data = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(&text[..dot])
+            .ok()?;
+        let mac = hex::decode(&text[dot + 1..]).ok()?;
+        // Constant time: the MAC is a secret-keyed tag.
+        let ok = subtle::ConstantTimeEq::ct_eq(&mac[..], &self.tag(&data)[..]);
+        bool::from(ok).then_some(data)
+    }
+
     /// Hex text safe in a SIP user part.
     pub fn encode(&self, flow: &Flow) -> String {
         let mut b = Vec::with_capacity(56);

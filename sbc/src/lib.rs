@@ -24,6 +24,7 @@ pub mod reload;
 pub mod rereg;
 pub mod server;
 pub mod timer_wheel;
+pub mod topology;
 pub mod transport;
 
 pub use reload::{ReloadError, ReloadReport};

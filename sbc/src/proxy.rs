@@ -164,6 +164,8 @@ struct ProxyTx {
     scheduled: Option<Instant>,
     /// For REGISTER: the phone's flow, to record on a 2xx.
     register_flow: Option<Flow>,
+    /// Topology hiding: the phone's Via lines, put back on every response returned to it.
+    hidden_vias: Option<Bytes>,
     local_tag: u64,
     failover: Option<Failover>,
     /// Media: the request carried an offer (so SDP in the response is the answer).
@@ -192,6 +194,15 @@ struct Core {
     /// The deadline the timer task sleeps until; an earlier one must wake it.
     timer_sleep: Option<Instant>,
     next_id: u64,
+}
+
+/// A request as it leaves: its bytes, the branch of our Via, how many Record-Route entries
+/// we added, and (topology hiding) the phone's Via lines to restore on its responses.
+struct Forwarded {
+    bytes: Bytes,
+    branch: Box<[u8]>,
+    record_routes: u8,
+    hidden_vias: Option<Bytes>,
 }
 
 pub struct Proxy {
@@ -613,7 +624,12 @@ impl Proxy {
         let Some(via) = tx.request.top_via() else {
             return false;
         };
-        let Some((bytes, branch, record_routes)) = self.forward(
+        let Some(Forwarded {
+            bytes,
+            branch,
+            record_routes,
+            ..
+        }) = self.forward(
             &tx.request,
             &tx.in_flow,
             &dest,
@@ -621,7 +637,8 @@ impl Proxy {
             &via,
             tx.media_body.as_deref(),
             None,
-        ) else {
+        )
+        else {
             return false;
         };
         let key = TxKey {
@@ -760,7 +777,12 @@ impl Proxy {
         let Some(via) = tx.request.top_via() else {
             return false;
         };
-        let Some((bytes, branch, record_routes)) = self.forward(
+        let Some(Forwarded {
+            bytes,
+            branch,
+            record_routes,
+            ..
+        }) = self.forward(
             &tx.request,
             &tx.in_flow,
             &hop.dest,
@@ -768,7 +790,8 @@ impl Proxy {
             &via,
             body.as_deref(),
             Some(hop.pops),
-        ) else {
+        )
+        else {
             return false;
         };
         let key = TxKey {
@@ -1307,7 +1330,7 @@ impl Proxy {
                         _ => None,
                     }
                 });
-            if let Some((bytes, _, _)) = self.forward(
+            if let Some(Forwarded { bytes, .. }) = self.forward(
                 &msg,
                 &inb.flow,
                 &dest,
@@ -1511,7 +1534,12 @@ impl Proxy {
             }
             media_sides = Some(sides);
         }
-        let Some((bytes, out_branch, record_routes)) = self.forward(
+        let Some(Forwarded {
+            bytes,
+            branch: out_branch,
+            record_routes,
+            hidden_vias,
+        }) = self.forward(
             &msg,
             &inb.flow,
             &dest,
@@ -1519,7 +1547,8 @@ impl Proxy {
             &via,
             media_body.as_deref(),
             pops,
-        ) else {
+        )
+        else {
             return self.reply(&msg, inb, 500, "Server Internal Error", out);
         };
         // An in-dialog request toward a PBX that proxies this call: if the PBX turns out
@@ -1579,6 +1608,7 @@ impl Proxy {
             timer_c: None,
             scheduled: None,
             register_flow,
+            hidden_vias,
             local_tag: id ^ 0x5bc0_0000,
             failover,
             media_offer,
@@ -1627,6 +1657,7 @@ impl Proxy {
             timer_c: None,
             scheduled: None,
             register_flow: None,
+            hidden_vias: None,
             media_offer: false,
             media_sides: None,
             media_body: None,
@@ -1841,7 +1872,7 @@ impl Proxy {
             return Target::Local(400, "Bad Request");
         };
         let to_local = self.is_local_uri(msg.uri_bytes());
-        if to_local && ruri.user.is_none() {
+        if to_local && ruri.user.is_none() && ruri.param(b"sbcc").is_none() {
             // Addressed to the SBC itself: answer keep-alive OPTIONS, refuse the rest.
             return match method {
                 Method::Options => Target::Local(200, "OK"),
@@ -1858,7 +1889,9 @@ impl Proxy {
                         public_flow: None,
                     };
                 }
-                if let Some(flow) = self.registrations.flow_for_contact(msg.uri_bytes()) {
+                let real = self.unaliased_ruri(msg);
+                let contact = real.as_deref().unwrap_or(msg.uri_bytes());
+                if let Some(flow) = self.registrations.flow_for_contact(contact) {
                     return Target::Forward {
                         dest: Dest::Flow(flow),
                         public_flow: Some(flow),
@@ -2089,7 +2122,7 @@ impl Proxy {
         via: &sbc_sip::via::Via<'_>,
         body: Option<&[u8]>,
         pops: Option<usize>,
-    ) -> Option<(Bytes, Box<[u8]>, u8)> {
+    ) -> Option<Forwarded> {
         let method = msg.method().unwrap_or(Method::Other);
         let (out_transport, remote) = match dest {
             Dest::Flow(f) => (f.transport, f.remote),
@@ -2124,7 +2157,31 @@ impl Proxy {
                 out_l.port
             ),
         );
-        edit::stamp_via(msg, via, in_flow.remote.ip(), in_flow.remote.port(), &mut e);
+        // A phone's request: its Vias stay with us (topology hiding), else they are stamped.
+        let hide = self.hides_topology_of(in_flow, public_flow);
+        let hidden_vias = if hide {
+            let saved = crate::topology::hide_vias(
+                msg,
+                via,
+                (in_flow.remote.ip(), in_flow.remote.port()),
+                &mut e,
+            );
+            crate::topology::alias_contacts(
+                msg,
+                (&out_l.host, out_l.port, out_l.transport),
+                &self.tokens,
+                &mut e,
+            );
+            Some(saved)
+        } else {
+            edit::stamp_via(msg, via, in_flow.remote.ip(), in_flow.remote.port(), &mut e);
+            None
+        };
+        // A Request-URI that is a phone's alias goes out as the phone's own URI.
+        if let Some(real) = self.unaliased_ruri(msg) {
+            let span = msg.span_of(msg.uri_bytes()).range();
+            e.replace(span, &real);
+        }
         // Max-Forwards.
         match (msg.header(HeaderName::MaxForwards), msg.max_forwards()) {
             (Some(h), Some(mf)) => {
@@ -2232,16 +2289,56 @@ impl Proxy {
         if let Some(b) = body {
             edit::replace_body(msg, b, &mut e);
         }
-        Some((
-            Bytes::from(e.apply(msg.as_bytes())),
-            branch.into_bytes().into_boxed_slice(),
+        Some(Forwarded {
+            bytes: Bytes::from(e.apply(msg.as_bytes())),
+            branch: branch.into_bytes().into_boxed_slice(),
             record_routes,
-        ))
+            hidden_vias,
+        })
+    }
+
+    /// Whether a request arriving over `in_flow` comes from a phone whose topology the SBC
+    /// hides (`phones.hide_topology`): from the public side, and not a trunk.
+    fn hides_topology_of(&self, in_flow: &Flow, public_flow: Option<Flow>) -> bool {
+        if public_flow != Some(*in_flow) {
+            return false;
+        }
+        let routes = self.routes.read();
+        routes.hide_topology
+            && routes.classify(in_flow.remote, in_flow.transport.is_reliable()) == Source::Public
+    }
+
+    /// The phone's own URI when the Request-URI is one of our aliases.
+    fn unaliased_ruri(&self, msg: &Message) -> Option<Vec<u8>> {
+        // Cheap test first: almost no Request-URI is an alias.
+        memchr::memmem::find(msg.uri_bytes(), b"sbcc=")?;
+        crate::topology::unalias(&msg.uri()?, &self.tokens)
     }
 
     // ----- responses -----
 
     fn on_response(&self, msg: Message, inb: &Inbound, now: Instant, out: &mut Out) {
+        // A registrar's answer lists the aliases topology hiding gave the phone's contacts:
+        // the phone (and the registration cache) must see its own URIs.
+        let msg = if msg.cseq_method() == Method::Register
+            && memchr::memmem::find(msg.as_bytes(), b"sbcc=").is_some()
+        {
+            let mut ue = Edits::new();
+            crate::topology::unalias_contacts(&msg, &self.tokens, &mut ue);
+            if ue.is_empty() {
+                msg
+            } else {
+                match Message::parse_with(
+                    Bytes::from(ue.apply(msg.as_bytes())),
+                    &self.settings.limits,
+                ) {
+                    Ok(m) => m,
+                    Err(_) => msg,
+                }
+            }
+        } else {
+            msg
+        };
         let status = msg.status().unwrap_or(0);
         let Some(via) = msg.top_via() else { return };
         let Some(branch) = via.branch else {
@@ -2345,10 +2442,26 @@ impl Proxy {
                 tx.timer_c = None;
             }
             if status != 100 {
-                // Forward: drop our Via.
+                // Forward: drop our Via (and give a phone its own Vias back).
                 let mut e = Edits::new();
-                if let Some(h) = msg.header(HeaderName::Via) {
-                    e.delete(edit::remove_value_range(&msg, h, via.raw));
+                match &tx.hidden_vias {
+                    Some(saved) => crate::topology::restore_vias(&msg, &via, saved, &mut e),
+                    None => {
+                        if let Some(h) = msg.header(HeaderName::Via) {
+                            e.delete(edit::remove_value_range(&msg, h, via.raw));
+                        }
+                    }
+                }
+                // A phone's answer (to a call the PBX sent it): its Contact becomes an alias.
+                if status > 100 && self.hides_topology_of(&inb.flow, Some(inb.flow)) {
+                    if let Some(l) = self.listener_for_flow(&tx.in_flow) {
+                        crate::topology::alias_contacts(
+                            &msg,
+                            (&l.host, l.port, l.transport),
+                            &self.tokens,
+                            &mut e,
+                        );
+                    }
                 }
                 if let (Some(m), Some((si, so))) = (self.media.get(), tx.media_sides) {
                     if let MediaAction::Body(b) = media_response(
@@ -2493,6 +2606,22 @@ impl Proxy {
             n.address,
             n.tls_server_name.as_deref(),
         ))
+    }
+
+    /// A phone's Contact URI as a PBX may see it when it leaves through `l`: its alias on the
+    /// SBC with topology hiding, else as it is (shadow registrations use it, so the standby
+    /// stores what the active node stored).
+    pub(crate) fn contact_for_pbx(&self, contact: &str, l: &LocalListener) -> String {
+        if !self.routes.read().hide_topology {
+            return contact.to_string();
+        }
+        let user = Uri::parse(contact.as_bytes()).ok().and_then(|u| u.user);
+        crate::topology::alias_uri(
+            contact.as_bytes(),
+            user,
+            (&l.host, l.port, l.transport),
+            &self.tokens,
+        )
     }
 
     /// The SBC's name (User-Agent of the requests it originates).

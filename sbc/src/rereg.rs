@@ -225,6 +225,8 @@ fn send_shadow(proxy: &Arc<Proxy>, dest: crate::transport::Dest, job: ShadowJob)
         .to_string();
     let agent = proxy.name().to_string();
     let task = proxy.originate(dest, |l, branch| {
+        let mut job = job.clone();
+        job.contact = proxy.contact_for_pbx(&job.contact, l).into();
         shadow_register(
             &job,
             &format!("sip:{domain}"),

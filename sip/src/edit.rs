@@ -80,6 +80,24 @@ impl Edits {
         self.ops.is_empty()
     }
 
+    /// The bytes of `range` of `src` with the edits that fall inside it applied (edits
+    /// outside it are ignored): a header line as the forwarded message would carry it,
+    /// without building the whole message.
+    pub fn apply_within(&self, src: &[u8], range: Range<usize>) -> Vec<u8> {
+        let range = range.start.min(src.len())..range.end.min(src.len());
+        let mut inner = Edits::new();
+        for o in &self.ops {
+            let (start, end) = (o.start as usize, o.end as usize);
+            if start >= range.start && end <= range.end && !(start == range.end && end == start) {
+                inner.push(
+                    start - range.start..end - range.start,
+                    &self.scratch[o.data.start as usize..o.data.end as usize],
+                );
+            }
+        }
+        inner.apply(&src[range])
+    }
+
     /// Builds the edited message. Overlapping edits are a caller bug; the later-starting one
     /// is clipped rather than corrupting memory.
     pub fn apply(&self, src: &[u8]) -> Vec<u8> {

@@ -124,6 +124,22 @@ async fn phone_to_trunk_call_relays_rtp_and_hides_the_phone() {
             "the PBX saw alice's media port in:\n{body}"
         );
     }
+    // Nor, with topology hiding, alice's SIP address: no Via, Contact or other header the
+    // PBX or the trunk got names her port (her Vias stay with the SBC, her Contact is an
+    // alias on the SBC).
+    let sip_needle = format!(":{}", alice.endpoint().local_addr().port());
+    let at_trunk_text = String::from_utf8_lossy(inc.invite.as_bytes()).to_string();
+    assert!(
+        !at_trunk_text.contains(&sip_needle),
+        "the trunk saw alice's SIP address in:\n{at_trunk_text}"
+    );
+    for m in lab.pbx.received() {
+        let text = String::from_utf8_lossy(m.as_bytes()).to_string();
+        assert!(
+            !text.contains(&sip_needle),
+            "the PBX saw alice's SIP address in:\n{text}"
+        );
+    }
     // Two passes (phone -> PBX, PBX -> trunk), each anchored.
     let media = lab.sbc.proxy.media().expect("media anchoring on");
     assert_eq!(media.sessions(), 2);
