@@ -53,7 +53,13 @@ async fn register_then_pbx_calls_phone_over_the_flow() {
     assert_eq!(from, sbc_addr);
     let path = String::from_utf8_lossy(fwd.header_value(HeaderName::Path).unwrap()).to_string();
     assert!(path.contains(";lr"), "{path}");
-    assert_eq!(fwd.via_count(), 2);
+    // Topology hiding: the PBX sees the SBC's Via only, and an alias of the phone's Contact.
+    assert_eq!(fwd.via_count(), 1);
+    let contact = String::from_utf8_lossy(fwd.header_value(HeaderName::Contact).unwrap());
+    assert!(
+        contact.contains(";sbcc=") && !contact.contains("10.1.1.1"),
+        "{contact}"
+    );
     assert_eq!(fwd.max_forwards(), Some(69));
     let ok = reply(
         &fwd,
