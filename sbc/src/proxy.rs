@@ -2548,7 +2548,7 @@ impl Proxy {
             flow,
             &tx.request,
             msg,
-            node.map(|n| Arc::from(n.name.as_str())),
+            node.map(|n| n.name.as_str()),
             path.as_deref(),
             &registration_policy(&routes),
             now,

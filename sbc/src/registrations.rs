@@ -361,7 +361,7 @@ impl Registrations {
         flow: Flow,
         request: &Message,
         response: &Message,
-        node: Option<Arc<str>>,
+        node: Option<&str>,
         path: Option<&str>,
         policy: &Policy,
         now: Instant,
@@ -374,25 +374,25 @@ impl Registrations {
         let resp_expires = response
             .header_value(HeaderName::Expires)
             .and_then(|e| parse_decimal(trim(e), u32::MAX as u64));
-        let aor = aor_of(request).unwrap_or_default();
-        let to_text = request
-            .header_value(HeaderName::To)
-            .map(text)
-            .unwrap_or_default();
-        let to_tag: Box<[u8]> = response.to_tag().unwrap_or_default().into();
+        let to_tag: &[u8] = response.to_tag().unwrap_or_default();
+        // Service-Route and Path lines of the 2xx, in order; usually none.
         let mut replay = Vec::new();
-        for name in [&b"Service-Route"[..], b"Path"] {
-            for h in response.headers() {
-                if response.as_bytes()[h.name_span.range()].eq_ignore_ascii_case(name) {
-                    let v = trim(&response.as_bytes()[h.value.range()]);
-                    replay.extend_from_slice(name);
-                    replay.extend_from_slice(b": ");
-                    replay.extend_from_slice(v);
-                    replay.extend_from_slice(b"\r\n");
+        for h in response.headers() {
+            let name: &[u8] = match h.name {
+                HeaderName::Path => b"Path",
+                HeaderName::Other
+                    if response.as_bytes()[h.name_span.range()]
+                        .eq_ignore_ascii_case(b"service-route") =>
+                {
+                    b"Service-Route"
                 }
-            }
+                _ => continue,
+            };
+            replay.extend_from_slice(name);
+            replay.extend_from_slice(b": ");
+            replay.extend_from_slice(trim(&response.as_bytes()[h.value.range()]));
+            replay.extend_from_slice(b"\r\n");
         }
-        let replay: Box<[u8]> = replay.into();
         let buf = response.as_bytes();
         // The response's contacts, parsed once.
         let echoed: SmallVec<[Echoed<'_>; 2]> = response
@@ -460,20 +460,51 @@ impl Registrations {
             shortest = Some(shortest.map_or(phone, |s| s.min(phone)));
             let pbx_until = now + Duration::from_secs(exp);
             let phone_until = now + Duration::from_secs(phone);
+            // A refresh of a binding in the same place (the common case): updated in place,
+            // no allocation.
+            if let Some(b) = inner.bindings.get_mut(&key) {
+                if b.flow == flow && *b.contact.as_bytes() == *na.uri_raw {
+                    b.pbx_until = pbx_until;
+                    b.phone_until = phone_until;
+                    b.cseq = request.cseq();
+                    if *b.call_id != *request.call_id() {
+                        b.call_id = request.call_id().into();
+                    }
+                    if b.node.as_deref() != node {
+                        b.node = node.map(Arc::from);
+                    }
+                    if *b.to_tag != *to_tag {
+                        b.to_tag = to_tag.into();
+                    }
+                    if *b.replay != *replay {
+                        b.replay = replay.as_slice().into();
+                    }
+                    if let Some(p) = path.filter(|p| *b.path != **p) {
+                        b.path = p.into();
+                    }
+                    if let Some(e) = inner.by_flow.get_mut(&flow) {
+                        e.expires = e.expires.max(phone_until);
+                    }
+                    continue;
+                }
+            }
             let old = inner.bindings.insert(
                 key.clone(),
                 Binding {
-                    aor: aor.clone(),
-                    to: to_text.clone(),
+                    aor: aor_of(request).unwrap_or_default(),
+                    to: request
+                        .header_value(HeaderName::To)
+                        .map(text)
+                        .unwrap_or_default(),
                     contact: text(na.uri_raw),
                     flow,
-                    node: node.clone(),
+                    node: node.map(Arc::from),
                     pbx_until,
                     phone_until,
                     call_id: request.call_id().into(),
                     cseq: request.cseq(),
-                    to_tag: to_tag.clone(),
-                    replay: replay.clone(),
+                    to_tag: to_tag.into(),
+                    replay: replay.as_slice().into(),
                     path: path.unwrap_or_default().into(),
                     shadows: SmallVec::new(),
                 },
@@ -518,9 +549,19 @@ impl Registrations {
     }
 
     fn publish(&self) {
+        // Handles registered once: a labelled `gauge!` looks its key up on every call, and
+        // this runs on every REGISTER's 2xx.
+        static GAUGES: std::sync::OnceLock<(metrics::Gauge, metrics::Gauge)> =
+            std::sync::OnceLock::new();
+        let (flows, entries) = GAUGES.get_or_init(|| {
+            (
+                metrics::gauge!("sbc_registrations"),
+                metrics::gauge!("sbc_registration_cache_entries"),
+            )
+        });
         let inner = self.inner.read();
-        metrics::gauge!("sbc_registrations").set(inner.by_flow.len() as f64);
-        metrics::gauge!("sbc_registration_cache_entries").set(inner.bindings.len() as f64);
+        flows.set(inner.by_flow.len() as f64);
+        entries.set(inner.bindings.len() as f64);
     }
 
     /// Whether requests from this flow come from a phone we serve.
@@ -865,7 +906,7 @@ mod tests {
             f,
             q,
             a,
-            Some("pbx1".into()),
+            Some("pbx1"),
             Some("<sip:t@sbc;lr>"),
             p,
             now,
@@ -949,16 +990,7 @@ mod tests {
         let p = split(120, 10);
         let (q, a) = register_cseq("sip:u1@127.0.0.9:5062", 3600, 1);
         let mut e = Edits::new();
-        r.record(
-            flow(5062),
-            &q,
-            &a,
-            Some("pbx1".into()),
-            None,
-            &p,
-            now,
-            &mut e,
-        );
+        r.record(flow(5062), &q, &a, Some("pbx1"), None, &p, now, &mut e);
         let out = String::from_utf8(e.apply(a.as_bytes())).unwrap();
         let given: u64 = out
             .split("expires=")
@@ -1035,7 +1067,7 @@ mod tests {
                 Err(_) => {
                     forwarded += 1;
                     let mut e = Edits::new();
-                    r.record(f, &q, &a, Some("pbx1".into()), None, &p, t, &mut e);
+                    r.record(f, &q, &a, Some("pbx1"), None, &p, t, &mut e);
                     Message::parse(Bytes::from(e.apply(a.as_bytes()))).unwrap()
                 }
             };

@@ -25,14 +25,21 @@ use sbc_sip::scan::{parse_decimal, trim};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How often the task looks.
+/// How often the task wakes: the wave's pace is kept at this granularity.
 const TICK: Duration = Duration::from_millis(100);
+/// How often the bindings are scanned (share on the active node, flows to close, shadows
+/// due): a scan walks the whole cache, so it is kept rare...
+const SCAN: Duration = Duration::from_secs(1);
+/// ...except right after a failover, while phones are moving and the time to 50/95/100% is
+/// being measured.
+const FAST_SCAN: Duration = TICK;
+const FAST_FOR: Duration = Duration::from_secs(60);
 /// Lifetime asked for shadow registrations (refreshed at half).
 const SHADOW_EXPIRES: u32 = 600;
 /// A refused or unanswered shadow REGISTER is tried again after this.
 const SHADOW_RETRY: Duration = Duration::from_secs(30);
-/// Shadow REGISTERs started per tick at most (200 per second).
-const SHADOW_PER_TICK: usize = 20;
+/// Shadow REGISTERs started per second at most.
+const SHADOW_PER_SECOND: f64 = 200.0;
 /// How long a failover's progress is followed before it is called finished without 100%
 /// (phones that never come back must not keep the wave going forever).
 const FOLLOW_FOR: Duration = Duration::from_secs(3600);
@@ -86,6 +93,11 @@ impl Rereg {
         let mut failover_at: Option<Instant> = None;
         let mut budget = 0.0f64;
         let mut last_tick = Instant::now();
+        let mut next_scan = Instant::now();
+        let mut last_scan = Instant::now();
+        let mut share = 1.0f64;
+        // TCP/TLS flows still on the old node, from the last scan, closed at the wave's pace.
+        let mut pending: Vec<crate::transport::Flow> = Vec::new();
         loop {
             interval.tick().await;
             let now = Instant::now();
@@ -100,6 +112,10 @@ impl Rereg {
             if active != last_active {
                 if last_active.is_some() {
                     failover_at = Some(now);
+                    next_scan = now;
+                    // Unknown until scanned: scan fast from here.
+                    share = 0.0;
+                    pending.clear();
                     let mut p = this.progress.lock();
                     p.to_50_secs = None;
                     p.to_95_secs = None;
@@ -109,111 +125,129 @@ impl Rereg {
                 }
                 last_active = active.clone();
             }
-            let counts = proxy.registrations.counts(active.as_deref(), now);
-            let share = if counts.live == 0 {
-                1.0
-            } else {
-                counts.on_node as f64 / counts.live as f64
-            };
-            metrics::gauge!("sbc_registrations_on_active_ratio").set(share);
-            metrics::gauge!("sbc_registrations_shadowed").set(counts.shadowed as f64);
-            {
-                let mut guard = this.progress.lock();
-                let p = &mut *guard;
-                p.active = active.as_deref().map(str::to_string);
-                p.live = counts.live;
-                p.on_active = counts.on_node;
-                p.shadowed = counts.shadowed;
-                p.since_failover_secs = failover_at.map(|t| now.duration_since(t).as_secs_f64());
-                if let Some(t) = failover_at {
-                    let took = now.duration_since(t).as_secs_f64();
-                    for (mark, slot, label) in [
-                        (0.5, &mut p.to_50_secs, "50"),
-                        (0.95, &mut p.to_95_secs, "95"),
-                        (1.0, &mut p.to_100_secs, "100"),
-                    ] {
-                        if slot.is_none() && share >= mark {
-                            *slot = Some(took);
-                            metrics::gauge!("sbc_reregistration_seconds", "share" => label)
-                                .set(took);
-                            tracing::info!(
-                                share = label,
-                                seconds = took,
-                                "phones on the active node after failover"
-                            );
-                        }
-                    }
-                }
-            }
             let following = failover_at.is_some_and(|t| now.duration_since(t) < FOLLOW_FOR);
-            // The wave.
             let rate = f64::from(routes.reregister_rate);
-            if let (Some(a), true) = (active.as_deref(), rate > 0.0 && following) {
-                // No burst: at most one tick's share (or one flow) at a time, so no window of
-                // a second ever sees more than `rate` closes.
-                budget = (budget + rate * dt).min((rate * TICK.as_secs_f64()).max(1.0));
-                if budget >= 1.0 {
+            if now >= next_scan {
+                let fast =
+                    failover_at.is_some_and(|t| now.duration_since(t) < FAST_FOR) && share < 1.0;
+                next_scan = now + if fast { FAST_SCAN } else { SCAN };
+                let since_scan = now.duration_since(last_scan).as_secs_f64();
+                last_scan = now;
+                share = self::scan_progress(this, &proxy, active.as_deref(), failover_at, now);
+                if let (Some(a), true) = (active.as_deref(), rate > 0.0 && following) {
                     let busy = proxy
                         .media()
                         .map(|m| m.flows_in_calls())
                         .unwrap_or_default();
-                    let mut closed = 0u64;
-                    for flow in proxy.registrations.flows_off(a, now) {
-                        if budget < 1.0 {
-                            break;
-                        }
-                        if busy.contains(&flow) {
+                    pending = proxy.registrations.flows_off(a, now);
+                    // Flows carrying a call wait for it to end (a later scan).
+                    pending.retain(|f| !busy.contains(f));
+                    // Closed from the end: keep the order the list has.
+                    pending.reverse();
+                }
+                // Shadow registrations.
+                let shadowing = routes
+                    .pools
+                    .get(pool)
+                    .is_some_and(|p| p.shadow_registration);
+                if shadowing {
+                    let ready = proxy.ready_nodes(pool);
+                    let nodes: Vec<Arc<str>> = ready
+                        .iter()
+                        .filter_map(|n| routes.nodes.get(*n))
+                        .map(|n| Arc::from(n.name.as_str()))
+                        .collect();
+                    // Bindings held by a node that is not ready are not shadowed meanwhile:
+                    // `shadow_jobs` only looks at bindings whose holder is in the list.
+                    let max = (SHADOW_PER_SECOND * since_scan.max(TICK.as_secs_f64())) as usize;
+                    for job in
+                        proxy
+                            .registrations
+                            .shadow_jobs(&nodes, SHADOW_EXPIRES, now, max.max(1))
+                    {
+                        let Some(idx) = routes.nodes.iter().position(|n| *n.name == *job.node)
+                        else {
                             continue;
-                        }
-                        if proxy.close_flow(&flow) {
-                            budget -= 1.0;
-                            closed += 1;
-                            let mut c = this.closes.lock();
-                            if c.len() == CLOSES_KEPT {
-                                c.pop_front();
-                            }
-                            c.push_back(now);
-                        }
+                        };
+                        let Some(dest) = proxy.node_dest(&routes, idx) else {
+                            continue;
+                        };
+                        send_shadow(&proxy, dest, job);
                     }
-                    if closed > 0 {
-                        metrics::counter!("sbc_reregister_wave_closed_total").increment(closed);
-                        this.progress.lock().wave_closed += closed;
+                }
+            }
+            // The wave.
+            if rate > 0.0 && following && !pending.is_empty() {
+                // No burst: at most one tick's share (or one flow) at a time, so no window of
+                // a second ever sees more than `rate` closes.
+                budget = (budget + rate * dt).min((rate * TICK.as_secs_f64()).max(1.0));
+                let mut closed = 0u64;
+                while budget >= 1.0 {
+                    let Some(flow) = pending.pop() else { break };
+                    if proxy.close_flow(&flow) {
+                        budget -= 1.0;
+                        closed += 1;
+                        let mut c = this.closes.lock();
+                        if c.len() == CLOSES_KEPT {
+                            c.pop_front();
+                        }
+                        c.push_back(now);
                     }
+                }
+                if closed > 0 {
+                    metrics::counter!("sbc_reregister_wave_closed_total").increment(closed);
+                    this.progress.lock().wave_closed += closed;
                 }
             } else {
                 budget = 0.0;
             }
-            // Shadow registrations.
-            let shadowing = routes
-                .pools
-                .get(pool)
-                .is_some_and(|p| p.shadow_registration);
-            if shadowing {
-                let ready = proxy.ready_nodes(pool);
-                let nodes: Vec<Arc<str>> = ready
-                    .iter()
-                    .filter_map(|n| routes.nodes.get(*n))
-                    .map(|n| Arc::from(n.name.as_str()))
-                    .collect();
-                // Bindings held by a node that is not ready are not shadowed meanwhile:
-                // `shadow_jobs` only looks at bindings whose holder is in the list, and the
-                // holder must be there for the others to count.
-                for job in
-                    proxy
-                        .registrations
-                        .shadow_jobs(&nodes, SHADOW_EXPIRES, now, SHADOW_PER_TICK)
-                {
-                    let Some(idx) = routes.nodes.iter().position(|n| *n.name == *job.node) else {
-                        continue;
-                    };
-                    let Some(dest) = proxy.node_dest(&routes, idx) else {
-                        continue;
-                    };
-                    send_shadow(&proxy, dest, job);
-                }
+        }
+    }
+}
+
+/// Counts the cached phones the active node can reach, publishes the share, and after a
+/// failover records when it passed 50, 95 and 100%. Returns the share.
+fn scan_progress(
+    this: &Rereg,
+    proxy: &Proxy,
+    active: Option<&str>,
+    failover_at: Option<Instant>,
+    now: Instant,
+) -> f64 {
+    let counts = proxy.registrations.counts(active, now);
+    let share = if counts.live == 0 {
+        1.0
+    } else {
+        counts.on_node as f64 / counts.live as f64
+    };
+    metrics::gauge!("sbc_registrations_on_active_ratio").set(share);
+    metrics::gauge!("sbc_registrations_shadowed").set(counts.shadowed as f64);
+    let mut guard = this.progress.lock();
+    let p = &mut *guard;
+    p.active = active.map(str::to_string);
+    p.live = counts.live;
+    p.on_active = counts.on_node;
+    p.shadowed = counts.shadowed;
+    p.since_failover_secs = failover_at.map(|t| now.duration_since(t).as_secs_f64());
+    if let Some(t) = failover_at {
+        let took = now.duration_since(t).as_secs_f64();
+        for (mark, slot, label) in [
+            (0.5, &mut p.to_50_secs, "50"),
+            (0.95, &mut p.to_95_secs, "95"),
+            (1.0, &mut p.to_100_secs, "100"),
+        ] {
+            if slot.is_none() && share >= mark {
+                *slot = Some(took);
+                metrics::gauge!("sbc_reregistration_seconds", "share" => label).set(took);
+                tracing::info!(
+                    share = label,
+                    seconds = took,
+                    "phones on the active node after failover"
+                );
             }
         }
     }
+    share
 }
 
 /// Sends one shadow REGISTER and records its outcome.
