@@ -517,6 +517,62 @@ impl Proxy {
         status
     }
 
+    /// Sends a transaction's request again on a new client branch: to the next node of its
+    /// pool, or around a dead hop of its route set.
+    #[allow(clippy::too_many_arguments)]
+    fn send_new_branch(
+        &self,
+        tx: &mut ProxyTx,
+        client_idx: &mut AHashMap<TxKey, u64>,
+        id: u64,
+        dest: Dest,
+        public_flow: Option<Flow>,
+        body: Option<&[u8]>,
+        pops: Option<usize>,
+        now: Instant,
+    ) -> bool {
+        let Some(via) = tx.request.top_via() else {
+            return false;
+        };
+        let Some(Forwarded {
+            bytes,
+            branch,
+            record_routes,
+            ..
+        }) = self.forward(
+            &tx.request,
+            &tx.in_flow,
+            &dest,
+            public_flow,
+            &via,
+            body,
+            pops,
+        )
+        else {
+            return false;
+        };
+        let key = TxKey {
+            branch,
+            method: method_key(tx.method),
+        };
+        tx.branch = Some(Branch {
+            tx: ClientTransaction::new(
+                tx.method == Method::Invite,
+                dest_transport(&dest).is_reliable(),
+                bytes.clone(),
+                now,
+                self.settings.timers,
+            ),
+            key: key.clone(),
+            dest,
+            out: bytes,
+            cancel: None,
+            record_routes,
+        });
+        client_idx.insert(key, id);
+        true
+    }
+
     /// Which side of the media relay a peer is on: PBX nodes are internal, everyone else
     /// (phones, trunks) public.
     fn media_side(&self, remote: SocketAddr, stream: bool) -> MediaSide {
@@ -621,45 +677,19 @@ impl Proxy {
             self.local_final(tx, 487, "Request Terminated", now);
             return true;
         }
-        let Some(via) = tx.request.top_via() else {
-            return false;
-        };
-        let Some(Forwarded {
-            bytes,
-            branch,
-            record_routes,
-            ..
-        }) = self.forward(
-            &tx.request,
-            &tx.in_flow,
-            &dest,
-            public_flow,
-            &via,
-            tx.media_body.as_deref(),
-            None,
-        )
-        else {
-            return false;
-        };
-        let key = TxKey {
-            branch,
-            method: method_key(tx.method),
-        };
-        tx.branch = Some(Branch {
-            tx: ClientTransaction::new(
-                tx.method == Method::Invite,
-                dest_transport(&dest).is_reliable(),
-                bytes.clone(),
-                now,
-                self.settings.timers,
-            ),
-            key: key.clone(),
+        let body = tx.media_body.clone();
+        if !self.send_new_branch(
+            tx,
+            client_idx,
+            id,
             dest,
-            out: bytes,
-            cancel: None,
-            record_routes,
-        });
-        client_idx.insert(key, id);
+            public_flow,
+            body.as_deref(),
+            None,
+            now,
+        ) {
+            return false;
+        }
         if let Some(f) = tx.failover.as_mut() {
             f.answered = false;
             f.deadline = Some(branch_deadline(now, f.timeout));
@@ -774,45 +804,18 @@ impl Proxy {
             tx.media_sides = Some((si, so));
             tx.media_skip = true;
         }
-        let Some(via) = tx.request.top_via() else {
-            return false;
-        };
-        let Some(Forwarded {
-            bytes,
-            branch,
-            record_routes,
-            ..
-        }) = self.forward(
-            &tx.request,
-            &tx.in_flow,
-            &hop.dest,
+        if !self.send_new_branch(
+            tx,
+            client_idx,
+            id,
+            hop.dest,
             hop.public_flow,
-            &via,
             body.as_deref(),
             Some(hop.pops),
-        )
-        else {
+            now,
+        ) {
             return false;
-        };
-        let key = TxKey {
-            branch,
-            method: method_key(tx.method),
-        };
-        tx.branch = Some(Branch {
-            tx: ClientTransaction::new(
-                tx.method == Method::Invite,
-                dest_transport(&hop.dest).is_reliable(),
-                bytes.clone(),
-                now,
-                self.settings.timers,
-            ),
-            key: key.clone(),
-            dest: hop.dest,
-            out: bytes,
-            cancel: None,
-            record_routes,
-        });
-        client_idx.insert(key, id);
+        }
         true
     }
 
