@@ -200,6 +200,11 @@ pub(crate) struct Shared {
     side_pool: [usize; 2],
     /// Held only for map updates and binds, never across I/O waits or `.await`.
     sessions: Mutex<AHashMap<CallKey, Session>>,
+    /// RTP port -> the call it was last given to, so that a hairpin (an SDP naming one of our
+    /// own ports) finds its call without a scan of every session. Entries are not removed
+    /// when a call ends: a lookup checks that the call still holds the port, and a port given
+    /// out again overwrites its entry. Locked after `sessions`.
+    port_owner: Mutex<AHashMap<u16, CallKey>>,
     events: mpsc::UnboundedSender<MediaEvent>,
     timeouts: AtomicU64,
 }
@@ -260,6 +265,7 @@ impl Relay {
             pools,
             side_pool,
             sessions: Mutex::new(AHashMap::default()),
+            port_owner: Mutex::new(AHashMap::default()),
             events: tx,
             timeouts: AtomicU64::new(0),
         });
@@ -397,6 +403,12 @@ impl Relay {
         }
 
         let mut new = Vec::with_capacity(bound.len() * 2);
+        if !bound.is_empty() {
+            let mut owners = self.shared.port_owner.lock();
+            for (_, _, pair) in &bound {
+                owners.insert(pair.rtp_port, call.clone());
+            }
+        }
         for (i, leg, pair) in bound {
             let slot = &mut session.media[i];
             slot.ports[leg] = Some(pair.rtp_port);
@@ -534,9 +546,10 @@ impl Relay {
         if !ours {
             return None;
         }
+        let owner = self.shared.port_owner.lock().get(&addr.port()).cloned()?;
         sessions
-            .values()
-            .find(|s| s.media.iter().any(|m| m.ports.contains(&Some(addr.port()))))
+            .get(&owner)
+            .filter(|s| s.media.iter().any(|m| m.ports.contains(&Some(addr.port()))))
             .map(|s| s.worker)
     }
 
