@@ -128,8 +128,6 @@ struct SkipHop {
 /// An in-dialog request sent to a PBX node that could skip it: if the node sends nothing
 /// within its pool's branch timeout, or fails at the transport, the request goes around it.
 struct SkipAlt {
-    /// `None`: no way around; the SBC answers for the PBX.
-    hop: Option<SkipHop>,
     node: usize,
     deadline: Instant,
     answered: bool,
@@ -700,39 +698,43 @@ impl Proxy {
 
     /// The way around the PBX for an in-dialog request sent to `dest`, if `dest` is a PBX
     /// node that record-routed between two passes of this dialog through us.
-    fn skip_alternative(
-        &self,
-        msg: &Message,
-        inb: &Inbound,
-        dest: &Dest,
-        now: Instant,
-    ) -> Option<SkipAlt> {
+    fn skip_alternative(&self, msg: &Message, dest: &Dest, now: Instant) -> Option<SkipAlt> {
+        // Only the node and the deadline: the way around is worked out when (if) the node
+        // fails, so the in-dialog requests of healthy PBXs (nearly all) are routed once.
+        msg.to_tag()?;
         let remote = match dest {
             Dest::Flow(f) => f.remote,
             Dest::Addr { remote, .. } => *remote,
         };
-        let (node, timeout) = {
-            let routes = self.routes.read();
-            let node = routes.node_by_addr(remote)?;
-            let pool = routes.nodes.get(node)?.pool;
-            let timeout = routes
-                .pools
-                .get(pool)
-                .map_or(Duration::from_secs(1), |p| p.branch_timeout);
-            (node, timeout)
-        };
-        let hop = match self.route_around(msg, inb, Some(node)) {
-            Target::Skip(hop) => Some(hop),
-            // Only calls the relay anchors can be answered for.
-            Target::Orphan { .. } if self.media.get().is_some() => None,
-            _ => return None,
-        };
+        let routes = self.routes.read();
+        let node = routes.node_by_addr(remote)?;
+        let pool = routes.nodes.get(node)?.pool;
+        let timeout = routes
+            .pools
+            .get(pool)
+            .map_or(Duration::from_secs(1), |p| p.branch_timeout);
         Some(SkipAlt {
-            hop,
             node,
             deadline: branch_deadline(now, timeout),
             answered: false,
         })
+    }
+
+    /// The way around a dead node for an in-dialog request: the hop after it in the route
+    /// set (`Some`), or `None` when the SBC must answer for the PBX itself (a call the relay
+    /// anchors); `Err` when there is neither.
+    fn way_around(&self, tx: &ProxyTx, node: usize, now: Instant) -> Result<Option<SkipHop>, ()> {
+        let inb = Inbound {
+            flow: tx.in_flow,
+            data: Bytes::new(),
+            received_at: now,
+        };
+        match self.route_around(&tx.request, &inb, Some(node)) {
+            Target::Skip(hop) => Ok(Some(hop)),
+            // Only calls the relay anchors can be answered for.
+            Target::Orphan { .. } if self.media.get().is_some() => Ok(None),
+            _ => Err(()),
+        }
     }
 
     /// An in-dialog request's PBX failed it (`outcome`): the request goes around the PBX to
@@ -751,9 +753,13 @@ impl Proxy {
         let Some(alt) = tx.skip_alt.take() else {
             return false;
         };
+        let Ok(hop) = self.way_around(tx, alt.node, now) else {
+            // Nothing to go around to: the request waits out its own transaction.
+            return false;
+        };
         self.observe(alt.node, outcome);
         self.dead_hops.lock().insert(alt.node, now);
-        let Some(hop) = alt.hop else {
+        let Some(hop) = hop else {
             // No way around: the SBC answers for the dead PBX.
             let Some(dest) = tx.branch.as_ref().map(|b| b.dest.clone()) else {
                 return false;
@@ -1557,7 +1563,7 @@ impl Proxy {
         // An in-dialog request toward a PBX that proxies this call: if the PBX turns out
         // dead, the request goes around it (see `skip_hop`).
         let skip_alt = if pops.is_none() && failover.is_none() && msg.to_tag().is_some() {
-            self.skip_alternative(&msg, inb, &dest, now)
+            self.skip_alternative(&msg, &dest, now)
         } else {
             None
         };
