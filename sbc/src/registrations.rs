@@ -1076,6 +1076,7 @@ mod tests {
             assert!((108..=132).contains(&exp), "lifetime {exp}");
             next[i] = (t + Duration::from_secs(exp / 2), cseq + 1);
         }
+        eprintln!("10 minutes, 200 phones: {sent} REGISTERs sent, {forwarded} reached the PBX");
         assert!(sent >= 200 * 10, "{sent}");
         assert_eq!(forwarded, 200, "only the first REGISTER of each phone");
         assert!(sent >= 5 * forwarded);
