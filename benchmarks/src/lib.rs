@@ -14,6 +14,8 @@ pub mod cpu;
 pub mod loadgen;
 pub mod media;
 pub mod net;
+pub mod phones;
 pub mod report;
 pub mod rx;
+pub mod sipcalls;
 pub mod uas;

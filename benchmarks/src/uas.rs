@@ -57,6 +57,21 @@ pub struct UasConfig {
     pub duration: Duration,
     /// Registration lifetime granted when the REGISTER names none.
     pub expires: u32,
+    /// Media calls (see [`MediaAnswer`]); `None` answers every INVITE with the fixed SDP.
+    pub media: Option<MediaAnswer>,
+}
+
+/// Media mode, for runs that send RTP through the proxy (benchmarks/scale, benchmarks/soak):
+/// an INVITE whose Request-URI user is `m<c>` (call `c`) is answered with SDP naming endpoint
+/// B of call `c` (`b_ip:peer_base+2c`, the layout of [`crate::media::Layout`]), and the RTP
+/// address of the offer as the UAS received it (the proxy's relay port facing the PBX) is
+/// appended to `log` as `c ip:port`. The generator reads that log to know where endpoint B
+/// must send, which a stateless UAS could not tell it any other way.
+#[derive(Clone, Debug)]
+pub struct MediaAnswer {
+    pub b_ip: std::net::IpAddr,
+    pub peer_base: u16,
+    pub log: std::sync::Arc<parking_lot::Mutex<std::fs::File>>,
 }
 
 /// What the UAS saw; summed over threads at exit.
@@ -144,7 +159,10 @@ pub fn run(cfg: &UasConfig) -> anyhow::Result<UasStats> {
     let mut handles = Vec::new();
     for s in socks {
         let expires = cfg.expires;
-        handles.push(std::thread::spawn(move || serve(s, expires, deadline)));
+        let media = cfg.media.clone();
+        handles.push(std::thread::spawn(move || {
+            serve(s, expires, media, deadline)
+        }));
     }
     let mut total = UasStats::default();
     for h in handles {
@@ -157,9 +175,15 @@ pub fn run(cfg: &UasConfig) -> anyhow::Result<UasStats> {
     Ok(total)
 }
 
-fn serve(sock: UdpSocket, expires: u32, deadline: Instant) -> io::Result<UasStats> {
+fn serve(
+    sock: UdpSocket,
+    expires: u32,
+    media: Option<MediaAnswer>,
+    deadline: Instant,
+) -> io::Result<UasStats> {
     let local = net::advertised(sock.local_addr()?);
     let mut h = Handler::new(local, expires);
+    h.media = media;
     let mut st = UasStats::default();
     let mut buf = vec![0u8; 65536];
     while !STOP.load(Ordering::Relaxed) && Instant::now() < deadline {
@@ -206,6 +230,9 @@ pub struct Handler {
     sdp: Vec<u8>,
     extra: Vec<u8>,
     expires: u32,
+    /// Media mode; see [`MediaAnswer`].
+    pub media: Option<MediaAnswer>,
+    media_sdp: Vec<u8>,
 }
 
 impl Handler {
@@ -219,6 +246,8 @@ impl Handler {
             .into_bytes(),
             extra: Vec::with_capacity(512),
             expires,
+            media: None,
+            media_sdp: Vec::new(),
         }
     }
 
@@ -263,8 +292,12 @@ impl Handler {
                         st,
                     );
                 }
+                let body = match self.media_call(&msg) {
+                    true => &self.media_sdp,
+                    false => &self.sdp,
+                };
                 let mut opts = with_tag(&tag, &self.extra);
-                opts.body = Some(("application/sdp", &self.sdp));
+                opts.body = Some(("application/sdp", body));
                 out(edit::response(&msg, 200, "OK", &opts), st);
             }
             Method::Ack => st.ack += 1,
@@ -306,6 +339,34 @@ impl Handler {
         }
     }
 
+    /// Media mode: for an INVITE to `m<c>` renders B's SDP into `media_sdp` and logs the
+    /// offer's RTP address. False (the fixed SDP) for any other INVITE, an offer without a
+    /// usable RTP address, or a call index outside the port range.
+    fn media_call(&mut self, msg: &Message) -> bool {
+        let Some(m) = &self.media else {
+            return false;
+        };
+        let Some(c) = media_index(msg) else {
+            return false;
+        };
+        let Some(port) = usize::from(m.peer_base).checked_add(2 * c) else {
+            return false;
+        };
+        let Ok(port) = u16::try_from(port) else {
+            return false;
+        };
+        let Some(offer) = sbc_media_relay::sdp::Sdp::parse(msg.body())
+            .ok()
+            .and_then(|s| s.rtp_addr(0))
+        else {
+            return false;
+        };
+        self.media_sdp = crate::media::endpoint_sdp(SocketAddr::new(m.b_ip, port), c).into_bytes();
+        // One write per line under the lock: threads share the file, a line must stay whole.
+        let _ = m.log.lock().write_all(format!("{c} {offer}\n").as_bytes());
+        true
+    }
+
     /// Registrar answer headers (RFC 3261 10.3 step 8, RFC 3327 5.3): every Contact bound,
     /// each with its expiry, and the Path headers echoed so the edge proxy sees its own Path
     /// accepted. `*` (remove all) binds nothing.
@@ -333,6 +394,14 @@ impl Handler {
             push_line(&mut self.extra, msg.slice(h.line));
         }
     }
+}
+
+/// `c` of a Request-URI `sip:m<c>@...`.
+fn media_index(msg: &Message) -> Option<usize> {
+    let uri = msg.uri_bytes();
+    let rest = uri.strip_prefix(b"sip:m")?;
+    let end = rest.iter().position(|&b| b == b'@')?;
+    std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
 }
 
 fn with_tag<'a>(tag: &'a [u8], extra: &'a [u8]) -> ResponseOpts<'a> {
@@ -400,6 +469,47 @@ To: <sip:uas@bench.test>\r\n\
 Call-ID: c1\r\n\
 CSeq: 1 INVITE\r\n\
 Content-Length: 0\r\n\r\n";
+
+    #[test]
+    fn media_mode_answers_with_b_and_logs_the_offer() {
+        let path = std::env::temp_dir().join(format!("uas-media-{}.log", std::process::id()));
+        let file = std::fs::File::create(&path).unwrap();
+        let mut h = Handler::new("127.0.0.1:5070".parse().unwrap(), 3600);
+        h.media = Some(MediaAnswer {
+            b_ip: "127.0.0.36".parse().unwrap(),
+            peer_base: 40000,
+            log: std::sync::Arc::new(parking_lot::Mutex::new(file)),
+        });
+        let sdp = "v=0\r\no=x 1 1 IN IP4 127.0.0.32\r\ns=-\r\nc=IN IP4 127.0.0.32\r\nt=0 0\r\n\
+                   m=audio 30004 RTP/AVP 0\r\n";
+        let req = |user: &str| {
+            format!(
+                "INVITE sip:{user}@bench.test SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKm{user}\r\n\
+                 From: <sip:a@b>;tag=a\r\nTo: <sip:{user}@b>\r\nCall-ID: c-{user}\r\nCSeq: 1 INVITE\r\n\
+                 Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
+                sdp.len()
+            )
+        };
+        let mut bodies = Vec::new();
+        for user in ["m3", "uas"] {
+            let mut st = UasStats::default();
+            h.handle(Bytes::from(req(user)), &mut st, &mut |r: &[u8]| {
+                let m = Message::parse(Bytes::copy_from_slice(r)).unwrap();
+                if m.status() == Some(200) {
+                    bodies.push(String::from_utf8_lossy(m.body()).into_owned());
+                }
+                1
+            });
+        }
+        assert!(bodies[0].contains("c=IN IP4 127.0.0.36") && bodies[0].contains("m=audio 40006 "));
+        assert!(
+            bodies[1].contains("m=audio 30000 "),
+            "other users get the fixed SDP"
+        );
+        let log = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(log, "3 127.0.0.32:30004\n");
+    }
 
     #[test]
     fn invite_gets_100_180_200_with_record_route() {

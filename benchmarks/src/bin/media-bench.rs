@@ -7,6 +7,89 @@ use sbc_benchmarks::media::{self, GenOpts, Layout, MediaMap, NgSetupOpts, RelayH
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
+use sbc_benchmarks::sipcalls::{self, SipCallsOpts};
+
+struct SipCallsArgs {
+    opts: SipCallsOpts,
+    pps: u32,
+    seconds: u32,
+    windows: u32,
+    warmup: u32,
+    tick_us: u32,
+    relay_core: usize,
+    settle: u64,
+    label: String,
+    json: Option<PathBuf>,
+}
+
+/// Setup, `windows` media windows, teardown; one JSON document with all of it.
+fn sip_calls(a: SipCallsArgs) -> anyhow::Result<()> {
+    anyhow::ensure!((1..=120).contains(&a.windows), "--windows must be 1..=120");
+    anyhow::ensure!(a.settle <= 120, "--settle must be at most 120 s");
+    let pid = a.opts.proxy_pid;
+    let rate = a.opts.rate;
+    let (mut calls, map, setup) = sipcalls::setup(a.opts)?;
+    eprintln!(
+        "sip-calls: {} of {} calls up in {:.2} s (p50 {:?} ms, p99 {:?} ms); proxy RSS {} -> {} KiB",
+        setup.succeeded,
+        setup.attempted,
+        setup.seconds,
+        setup.latency_p50_ms,
+        setup.latency_p99_ms,
+        map.rss_before_kib,
+        map.rss_after_setup_kib
+    );
+    let mut gens = Vec::new();
+    for w in 0..a.windows {
+        let r = media::gen(GenOpts {
+            map: Some(map.clone()),
+            layout: map.layout,
+            pps: a.pps,
+            seconds: a.seconds,
+            warmup: if w == 0 { a.warmup } else { 0 },
+            tick_us: a.tick_us,
+            relay_core: a.relay_core,
+            label: format!("{}-w{w}", a.label),
+        });
+        match r {
+            Ok(r) => {
+                eprintln!("{}", r.human());
+                gens.push(r);
+            }
+            Err(e) => {
+                // Hang up what is up even if a window failed.
+                eprintln!("sip-calls: media window {w} failed: {e:#}");
+                break;
+            }
+        }
+    }
+    let teardown = sipcalls::teardown(&mut calls, rate);
+    std::thread::sleep(std::time::Duration::from_secs(a.settle));
+    let rss_end = media::rss_kib(pid);
+    eprintln!(
+        "sip-calls: {} of {} calls hung up (p50 {:?} ms); proxy RSS after {} KiB",
+        teardown.succeeded, teardown.attempted, teardown.latency_p50_ms, rss_end
+    );
+    let doc = serde_json::json!({
+        "label": a.label,
+        "calls": map.layout.calls,
+        "rss_before_kib": map.rss_before_kib,
+        "rss_after_setup_kib": map.rss_after_setup_kib,
+        "rss_after_teardown_kib": rss_end,
+        "setup": setup,
+        "windows": gens,
+        "teardown": teardown,
+    });
+    if let Some(p) = a.json {
+        std::fs::write(&p, serde_json::to_vec_pretty(&doc)?)?;
+    }
+    anyhow::ensure!(
+        !gens.is_empty(),
+        "no media window completed (see the errors above)"
+    );
+    Ok(())
+}
+
 #[derive(Parser, Debug)]
 #[command(name = "media-bench", version)]
 struct Cli {
@@ -74,6 +157,54 @@ enum Cmd {
         #[arg(long)]
         map_out: PathBuf,
     },
+    /// Places the calls through a media-anchoring SIP proxy (the SBC), sends RTP both ways
+    /// through it, hangs up; setup/teardown latency, packets, CPU and RSS (sbc-uas must run
+    /// with --media-log).
+    SipCalls {
+        #[command(flatten)]
+        layout: LayoutArgs,
+        /// The proxy's UDP listener.
+        #[arg(long, default_value = "127.0.0.1:25060")]
+        target: SocketAddr,
+        /// Bind address (a trunk source of the proxy).
+        #[arg(long, default_value = "127.0.0.12:0")]
+        local: SocketAddr,
+        #[arg(long, default_value = "bench.test")]
+        domain: String,
+        /// New calls per second during setup, and BYEs per second during teardown.
+        #[arg(long, default_value_t = 200)]
+        rate: u32,
+        /// Seconds to a final response.
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
+        /// sbc-uas --media-log file.
+        #[arg(long)]
+        uas_log: PathBuf,
+        /// The proxy's pid (CPU and RSS).
+        #[arg(long)]
+        pid: u32,
+        #[arg(long, default_value_t = 50)]
+        pps: u32,
+        /// Measured seconds per media window.
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+        /// Media windows in a row (the soak keeps 500 calls up for an hour in 60 s windows).
+        #[arg(long, default_value_t = 1)]
+        windows: u32,
+        #[arg(long, default_value_t = 2)]
+        warmup: u32,
+        #[arg(long, default_value_t = 1000)]
+        tick_us: u32,
+        #[arg(long, default_value_t = 1)]
+        relay_core: usize,
+        /// Seconds to wait after the hang-up before the last RSS sample.
+        #[arg(long, default_value_t = 2)]
+        settle: u64,
+        #[arg(long, default_value = "sip-calls")]
+        label: String,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Sends RTP both ways on every call and measures.
     Gen {
         /// The map written by relay-host or ng-setup.
@@ -139,6 +270,45 @@ fn main() -> anyhow::Result<()> {
             ng,
             pid,
             map_out,
+        }),
+        Cmd::SipCalls {
+            layout,
+            target,
+            local,
+            domain,
+            rate,
+            timeout,
+            uas_log,
+            pid,
+            pps,
+            seconds,
+            windows,
+            warmup,
+            tick_us,
+            relay_core,
+            settle,
+            label,
+            json,
+        } => sip_calls(SipCallsArgs {
+            opts: SipCallsOpts {
+                target,
+                local,
+                domain,
+                layout: layout.layout(),
+                rate,
+                timeout: std::time::Duration::from_secs(timeout),
+                uas_log,
+                proxy_pid: pid,
+            },
+            pps,
+            seconds,
+            windows,
+            warmup,
+            tick_us,
+            relay_core,
+            settle,
+            label,
+            json,
         }),
         Cmd::Gen {
             map,

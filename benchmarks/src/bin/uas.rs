@@ -24,6 +24,15 @@ struct Args {
     /// Registration lifetime granted when the REGISTER names none.
     #[arg(long, default_value_t = 3600)]
     expires: u32,
+    /// Media mode: INVITEs to `m<c>` are answered with SDP naming endpoint B of call c
+    /// (MEDIA_B_IP:MEDIA_PEER_BASE+2c) and the offer's RTP address is appended to this file
+    /// as `c ip:port` (media-bench sip-calls reads it).
+    #[arg(long)]
+    media_log: Option<std::path::PathBuf>,
+    #[arg(long, default_value = "127.0.0.3")]
+    media_b_ip: std::net::IpAddr,
+    #[arg(long, default_value_t = 30000)]
+    media_peer_base: u16,
 }
 
 /// Errors are printed as one line (no backtrace, whatever RUST_BACKTRACE says): they are
@@ -40,11 +49,28 @@ fn main() -> std::process::ExitCode {
 
 fn run(a: Args) -> anyhow::Result<()> {
     uas::install_signal_handlers();
+    let media = match a.media_log {
+        Some(p) => {
+            sbc_benchmarks::net::ensure_loopback(SocketAddr::new(a.media_b_ip, 0), "--media-b-ip")?;
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&p)
+                .map_err(|e| anyhow::anyhow!("opening {}: {e}", p.display()))?;
+            Some(uas::MediaAnswer {
+                b_ip: a.media_b_ip,
+                peer_base: a.media_peer_base,
+                log: std::sync::Arc::new(parking_lot::Mutex::new(f)),
+            })
+        }
+        None => None,
+    };
     let st = uas::run(&UasConfig {
         listen: a.listen,
         threads: a.threads,
         duration: Duration::from_secs(a.duration),
         expires: a.expires,
+        media,
     })?;
     eprintln!("sbc-uas: {st}");
     Ok(())
