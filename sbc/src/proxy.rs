@@ -515,6 +515,20 @@ impl Proxy {
         status
     }
 
+    /// Ends a transaction's current client branch (its retransmissions and CANCEL included)
+    /// before the request goes elsewhere or is answered by the SBC.
+    fn drop_branch(tx: &mut ProxyTx, client_idx: &mut AHashMap<TxKey, u64>) {
+        if let Some(old) = tx.branch.take() {
+            let mut old_tx = old.tx;
+            old_tx.terminate();
+            client_idx.remove(&old.key);
+            if let Some((_, k)) = old.cancel {
+                client_idx.remove(&k);
+            }
+        }
+        tx.timer_c = None;
+    }
+
     /// Sends a transaction's request again on a new client branch: to the next node of its
     /// pool, or around a dead hop of its route set.
     #[allow(clippy::too_many_arguments)]
@@ -661,15 +675,7 @@ impl Proxy {
         metrics::counter!("sbc_branch_retries_total", "reason" => outcome_label(outcome))
             .increment(1);
         tracing::debug!(failed, node, ?outcome, "retrying on the next node");
-        if let Some(old) = tx.branch.take() {
-            let mut old_tx = old.tx;
-            old_tx.terminate();
-            client_idx.remove(&old.key);
-            if let Some((_, k)) = old.cancel {
-                client_idx.remove(&k);
-            }
-        }
-        tx.timer_c = None;
+        Self::drop_branch(tx, client_idx);
         if tx.cancel_pending {
             // The caller gave up meanwhile: nothing to retry for.
             self.local_final(tx, 487, "Request Terminated", now);
@@ -767,15 +773,7 @@ impl Proxy {
             let Some((status, bytes)) = self.answer_orphan(&tx.request, &tx.in_flow, &dest) else {
                 return false;
             };
-            if let Some(old) = tx.branch.take() {
-                let mut old_tx = old.tx;
-                old_tx.terminate();
-                client_idx.remove(&old.key);
-                if let Some((_, k)) = old.cancel {
-                    client_idx.remove(&k);
-                }
-            }
-            tx.timer_c = None;
+            Self::drop_branch(tx, client_idx);
             if tx.server.send_response(status, bytes, now) {
                 tx.final_sent = true;
                 count_response(tx.method, status, "local");
@@ -785,15 +783,7 @@ impl Proxy {
         metrics::counter!("sbc_dead_hop_skips_total", "cause" => outcome_label(outcome))
             .increment(1);
         tracing::info!(node = hop.node, ?outcome, call_id = %String::from_utf8_lossy(tx.request.call_id()), "in-dialog request goes around its dead PBX");
-        if let Some(old) = tx.branch.take() {
-            let mut old_tx = old.tx;
-            old_tx.terminate();
-            client_idx.remove(&old.key);
-            if let Some((_, k)) = old.cancel {
-                client_idx.remove(&k);
-            }
-        }
-        tx.timer_c = None;
+        Self::drop_branch(tx, client_idx);
         let mut body = tx.media_body.clone();
         if let (Some(m), Some((si, _))) = (self.media.get(), tx.media_sides) {
             let so = self.media_side_of_dest(&hop.dest);
