@@ -27,7 +27,7 @@ use parking_lot::RwLock;
 use sbc_sip::addr::NameAddr;
 use sbc_sip::edit::{self, Edits, ResponseOpts};
 use sbc_sip::message::{HeaderName, Message};
-use sbc_sip::scan::{parse_decimal, trim};
+use sbc_sip::scan::{offset_in, parse_decimal, trim};
 use sbc_sip::uri::Uri;
 use smallvec::SmallVec;
 use std::fmt::Write as _;
@@ -217,15 +217,9 @@ fn phone_lifetime(policy: &Policy, cap: u64) -> u64 {
     e.min(cap).max(1)
 }
 
-/// Byte offset of `inner` inside `outer` (both slices of one buffer).
-fn offset_in(outer: &[u8], inner: &[u8]) -> Option<usize> {
-    let o = outer.as_ptr() as usize;
-    let i = inner.as_ptr() as usize;
-    (i >= o && i + inner.len() <= o + outer.len()).then(|| i - o)
-}
-
 /// Sets the `expires` parameter of the Contact value `value` (a slice of `buf`) to `n`.
 fn set_expires_param(buf: &[u8], value: &[u8], na: &NameAddr<'_>, n: u64, edits: &mut Edits) {
+    let value = trim(value);
     let Some(vstart) = offset_in(buf, value) else {
         return;
     };
@@ -237,16 +231,10 @@ fn set_expires_param(buf: &[u8], value: &[u8], na: &NameAddr<'_>, n: u64, edits:
         }
         // `;expires` without a value, or none: append one at the value's end.
         _ => {
-            let end = vstart + trim_end_len(value);
+            let end = vstart + value.len();
             edits.insert(end, format!(";expires={n}").as_bytes());
         }
     }
-}
-
-fn trim_end_len(v: &[u8]) -> usize {
-    v.iter()
-        .rposition(|b| !b.is_ascii_whitespace())
-        .map_or(0, |p| p + 1)
 }
 
 /// The Contact value `value` with its expires parameter set to `n`, as a new string.

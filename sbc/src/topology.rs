@@ -24,7 +24,7 @@ use bytes::Bytes;
 use sbc_sip::addr::NameAddr;
 use sbc_sip::edit::{self, Edits};
 use sbc_sip::message::{HeaderName, Message};
-use sbc_sip::scan::trim;
+use sbc_sip::scan::{offset_in, trim};
 use sbc_sip::uri::Uri;
 use sbc_sip::via::Via;
 use sbc_sip::Transport;
@@ -161,13 +161,6 @@ pub fn unalias_contacts(msg: &Message, tokens: &FlowTokens, edits: &mut Edits) {
             edits.replace(start..start + na.uri_raw.len(), &orig);
         }
     }
-}
-
-/// Byte offset of `inner` inside `outer` (both slices of one buffer).
-fn offset_in(outer: &[u8], inner: &[u8]) -> Option<usize> {
-    let o = outer.as_ptr() as usize;
-    let i = inner.as_ptr() as usize;
-    (i >= o && i + inner.len() <= o + outer.len()).then(|| i - o)
 }
 
 #[cfg(test)]

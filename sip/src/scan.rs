@@ -200,6 +200,15 @@ pub fn is_token(b: u8) -> bool {
     class(b) & TOKEN != 0
 }
 
+/// Byte offset of `inner` inside `outer`, when `inner` is a sub-slice of it (a typed view's
+/// field inside the message it was parsed from); `None` otherwise. Edits address the
+/// message by offset, views hand out slices.
+pub fn offset_in(outer: &[u8], inner: &[u8]) -> Option<usize> {
+    let o = outer.as_ptr() as usize;
+    let i = inner.as_ptr() as usize;
+    (i >= o && i + inner.len() <= o + outer.len()).then(|| i - o)
+}
+
 /// Strips leading and trailing LWS.
 #[inline]
 pub fn trim(s: &[u8]) -> &[u8] {
