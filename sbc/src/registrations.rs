@@ -201,6 +201,19 @@ fn text(b: &[u8]) -> Box<str> {
     String::from_utf8_lossy(b).into()
 }
 
+/// The `Expires` header of a REGISTER or its 2xx: the lifetime of contacts without their own.
+pub(crate) fn header_expires(msg: &Message) -> Option<u64> {
+    msg.header_value(HeaderName::Expires)
+        .and_then(|e| parse_decimal(trim(e), u32::MAX as u64))
+}
+
+/// A contact's own `expires` parameter.
+pub(crate) fn contact_expires(na: &NameAddr<'_>) -> Option<u64> {
+    na.param(b"expires")
+        .flatten()
+        .and_then(|e| parse_decimal(e, u32::MAX as u64))
+}
+
 /// The phone's lifetime: the configured one spread by a random +-`spread` percent, never
 /// above what the PBX granted (nor what the phone asked for).
 fn phone_lifetime(policy: &Policy, cap: u64) -> u64 {
@@ -273,15 +286,8 @@ impl Registrations {
             return Err(ForwardReason::Deregister);
         }
         let na = NameAddr::parse(value).map_err(|_| ForwardReason::Other)?;
-        let header_expires = req
-            .header_value(HeaderName::Expires)
-            .and_then(|e| parse_decimal(trim(e), u32::MAX as u64));
-        let requested = na
-            .param(b"expires")
-            .flatten()
-            .and_then(|e| parse_decimal(e, u32::MAX as u64))
-            .or(header_expires)
-            .unwrap_or(3600);
+        let header_expires = header_expires(req);
+        let requested = contact_expires(&na).or(header_expires).unwrap_or(3600);
         if requested == 0 {
             return Err(ForwardReason::Deregister);
         }
@@ -355,13 +361,8 @@ impl Registrations {
         now: Instant,
         edits: &mut Edits,
     ) {
-        let default_expires = request
-            .header_value(HeaderName::Expires)
-            .and_then(|e| parse_decimal(trim(e), u32::MAX as u64))
-            .unwrap_or(3600);
-        let resp_expires = response
-            .header_value(HeaderName::Expires)
-            .and_then(|e| parse_decimal(trim(e), u32::MAX as u64));
+        let default_expires = header_expires(request).unwrap_or(3600);
+        let resp_expires = header_expires(response);
         let to_tag: &[u8] = response.to_tag().unwrap_or_default();
         // Service-Route and Path lines of the 2xx, in order; usually none.
         let mut replay = Vec::new();
@@ -411,17 +412,11 @@ impl Registrations {
             let echo = echoed.iter().find(|(_, _, k)| *k == key);
             // The expiry the registrar granted this contact, as echoed in the 2xx.
             let granted = echo.map(|(_, rna, _)| {
-                rna.param(b"expires")
-                    .flatten()
-                    .and_then(|e| parse_decimal(e, u32::MAX as u64))
+                contact_expires(rna)
                     .or(resp_expires)
                     .unwrap_or(default_expires)
             });
-            let requested = na
-                .param(b"expires")
-                .flatten()
-                .and_then(|e| parse_decimal(e, u32::MAX as u64))
-                .unwrap_or(default_expires);
+            let requested = contact_expires(&na).unwrap_or(default_expires);
             let exp = match granted {
                 Some(g) => g,
                 // Not echoed: removed (if it asked for 0) or the registrar lists nothing.

@@ -17,11 +17,11 @@
 //!   failover the time until 50%, 95% and 100% of them were (metrics and /status).
 
 use crate::proxy::Proxy;
-use crate::registrations::{shadow_register, ShadowJob};
+use crate::registrations::{contact_expires, header_expires, shadow_register, ShadowJob};
 use parking_lot::Mutex;
 use sbc_sip::addr::NameAddr;
 use sbc_sip::message::HeaderName;
-use sbc_sip::scan::{parse_decimal, trim};
+use sbc_sip::scan::trim;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -297,17 +297,9 @@ fn send_shadow(proxy: &Arc<Proxy>, dest: crate::transport::Dest, job: ShadowJob)
 
 /// The lifetime a registrar granted the job's contact in its 2xx.
 fn granted_expiry(m: &sbc_sip::Message, job: &ShadowJob) -> u64 {
-    let header = m
-        .header_value(HeaderName::Expires)
-        .and_then(|e| parse_decimal(trim(e), u32::MAX as u64));
     m.values(HeaderName::Contact)
         .filter_map(|(_, v)| NameAddr::parse(trim(v)).ok())
         .find(|na| na.uri_raw == job.contact.as_bytes())
-        .and_then(|na| {
-            na.param(b"expires")
-                .flatten()
-                .and_then(|e| parse_decimal(e, u32::MAX as u64))
-                .or(header)
-        })
+        .and_then(|na| contact_expires(&na).or_else(|| header_expires(m)))
         .unwrap_or(0)
 }
