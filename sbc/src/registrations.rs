@@ -140,6 +140,8 @@ pub struct Counts {
     pub shadowed: usize,
     /// Flows with live bindings.
     pub flows: usize,
+    /// Entries in the cache, lapsed ones included.
+    pub entries: usize,
 }
 
 /// One binding as /status lists it.
@@ -528,23 +530,6 @@ impl Registrations {
                 edits.replace(h.value.range(), format!(" {s}").as_bytes());
             }
         }
-        self.publish();
-    }
-
-    fn publish(&self) {
-        // Handles registered once: a labelled `gauge!` looks its key up on every call, and
-        // this runs on every REGISTER's 2xx.
-        static GAUGES: std::sync::OnceLock<(metrics::Gauge, metrics::Gauge)> =
-            std::sync::OnceLock::new();
-        let (flows, entries) = GAUGES.get_or_init(|| {
-            (
-                metrics::gauge!("sbc_registrations"),
-                metrics::gauge!("sbc_registration_cache_entries"),
-            )
-        });
-        let inner = self.inner.read();
-        flows.set(inner.by_flow.len() as f64);
-        entries.set(inner.bindings.len() as f64);
     }
 
     /// Whether requests from this flow come from a phone we serve.
@@ -594,7 +579,6 @@ impl Registrations {
                 }
             }
         }
-        self.publish();
     }
 
     /// Drops bindings past both lifetimes (called from the timer task).
@@ -614,7 +598,6 @@ impl Registrations {
                 !e.contacts.is_empty()
             });
         }
-        self.publish();
     }
 
     /// Number of flows with live registrations.
@@ -637,6 +620,7 @@ impl Registrations {
         let inner = self.inner.read();
         let mut c = Counts {
             flows: inner.by_flow.values().filter(|e| e.expires > now).count(),
+            entries: inner.bindings.len(),
             ..Counts::default()
         };
         for b in inner.bindings.values().filter(|b| b.phone_until > now) {

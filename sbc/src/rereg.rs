@@ -220,6 +220,9 @@ fn scan_progress(
     } else {
         counts.on_node as f64 / counts.live as f64
     };
+    // Published from here, once a second, rather than on every REGISTER's 2xx.
+    metrics::gauge!("sbc_registrations").set(counts.flows as f64);
+    metrics::gauge!("sbc_registration_cache_entries").set(counts.entries as f64);
     metrics::gauge!("sbc_registrations_on_active_ratio").set(share);
     metrics::gauge!("sbc_registrations_shadowed").set(counts.shadowed as f64);
     let mut guard = this.progress.lock();
