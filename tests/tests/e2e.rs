@@ -330,3 +330,60 @@ async fn a_call_to_a_phone_whose_tcp_flow_closed_fails_at_once_with_430() {
     );
     lab.sbc.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_transaction_lingers_small_and_still_answers_retransmissions() {
+    let lab = lab("127.0.0.37").await;
+    let sbc_udp = lab.sbc.addr(Transport::Udp).expect("udp");
+    let sock = tokio::net::UdpSocket::bind("127.0.0.38:0")
+        .await
+        .expect("bind");
+    let me = sock.local_addr().expect("addr");
+    let register = format!(
+        "REGISTER sip:pbx.test SIP/2.0\r\n\
+         Via: SIP/2.0/UDP {me};branch=z9hG4bK-linger-1;rport\r\n\
+         Max-Forwards: 70\r\n\
+         From: <sip:alice@pbx.test>;tag=l1\r\n\
+         To: <sip:alice@pbx.test>\r\n\
+         Call-ID: linger-1@{ip}\r\n\
+         CSeq: 1 REGISTER\r\n\
+         Contact: <sip:alice@{me}>\r\n\
+         Expires: 300\r\n\
+         Content-Length: 0\r\n\r\n",
+        ip = me.ip()
+    );
+    let mut buf = vec![0u8; 4096];
+    let mut answer = async |what: &str| -> Vec<u8> {
+        sock.send_to(register.as_bytes(), sbc_udp)
+            .await
+            .expect("send");
+        let (n, _) = tokio::time::timeout(Duration::from_secs(3), sock.recv_from(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no answer to the {what} REGISTER"))
+            .expect("recv");
+        buf[..n].to_vec()
+    };
+    // The PBX challenges: the transaction is finished and only lingers (Timer J).
+    let first = answer("first").await;
+    assert!(
+        first.starts_with(b"SIP/2.0 401"),
+        "{}",
+        String::from_utf8_lossy(&first)
+    );
+    let (live, lingering) = lab.sbc.proxy.transaction_counts();
+    assert_eq!(
+        (live, lingering),
+        (0, 1),
+        "the finished REGISTER moved to the linger table"
+    );
+    // A retransmission of the same request gets the same answer from the SBC; the PBX never
+    // sees it again.
+    let again = answer("retransmitted").await;
+    assert_eq!(
+        again, first,
+        "the lingering transaction repeats its last response"
+    );
+    assert_eq!(lab.pbx.stats().requests_of("REGISTER"), 1);
+    assert_eq!(lab.sbc.proxy.transaction_counts(), (0, 1));
+    lab.sbc.shutdown();
+}
