@@ -6,20 +6,27 @@
 //! task, so a connection is cleaned up exactly once however it ends (including a panic in the
 //! handler or the runtime shutting down).
 
+use std::cell::Cell;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use ahash::AHashMap;
 use bytes::Bytes;
+use parking_lot::Mutex;
 use rustls::pki_types::ServerName;
 use sbc_sip::framing::{Frame, StreamFramer};
 use sbc_sip::Transport;
 use smallvec::SmallVec;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::stats::{self, CloseReason};
@@ -32,6 +39,14 @@ pub(super) const WRITE_QUEUE_LEN: usize = 1024;
 /// Size of one socket read.
 const READ_CHUNK: usize = 16 * 1024;
 
+thread_local! {
+    /// The read buffer, one per runtime thread instead of one per connection: a read borrows
+    /// it only for one poll and moves what arrived into the connection's framer before the
+    /// poll returns, so an idle connection holds no read buffer at all. (A 16 KiB buffer per
+    /// connection was most of a TLS phone's memory; see `read_some`.)
+    static READ_SCRATCH: Cell<Option<Box<[u8]>>> = const { Cell::new(None) };
+}
+
 /// A message waiting in a connection's write queue. The destination travels with it so a
 /// delivery failure can be reported to the handler exactly as the caller addressed it; `None`
 /// marks our own keep-alive answers, whose loss is nobody's business.
@@ -40,12 +55,96 @@ pub(super) struct Outgoing {
     dest: Option<Dest>,
 }
 
+/// Why a message could not be queued.
+enum QueueError {
+    /// `WRITE_QUEUE_LEN` messages are waiting already.
+    Full,
+    /// The connection has ended; nothing more will be sent on it.
+    Closed,
+}
+
+/// A connection's write queue: bounded, one consumer (the connection's task), and holding no
+/// memory while empty. (A tokio mpsc channel preallocates 32 slots per connection, ~4 KiB
+/// with a `Dest` in each, plus ~0.5 KiB of channel state; an idle SIP connection with a
+/// message a minute needs none of it.)
+struct WriteQueue {
+    state: Mutex<QueueState>,
+    /// A message was queued or the queue closed.
+    ready: Notify,
+}
+
+#[derive(Default)]
+struct QueueState {
+    items: VecDeque<Outgoing>,
+    closed: bool,
+}
+
+impl WriteQueue {
+    fn new() -> Self {
+        WriteQueue {
+            state: Mutex::new(QueueState::default()),
+            ready: Notify::new(),
+        }
+    }
+
+    fn push(&self, out: Outgoing) -> Result<(), QueueError> {
+        {
+            let mut st = self.state.lock();
+            if st.closed {
+                return Err(QueueError::Closed);
+            }
+            if st.items.len() >= WRITE_QUEUE_LEN {
+                return Err(QueueError::Full);
+            }
+            st.items.push_back(out);
+        }
+        // Stores a permit when the task is not waiting yet, so the wake-up cannot be lost.
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// The next message without waiting; frees the queue's buffer once it is empty.
+    fn try_pop(&self) -> Option<Outgoing> {
+        let mut st = self.state.lock();
+        let out = st.items.pop_front();
+        if st.items.is_empty() && st.items.capacity() > 0 {
+            st.items = VecDeque::new();
+        }
+        out
+    }
+
+    /// The next message; `None` once the queue is closed and drained.
+    async fn pop(&self) -> Option<Outgoing> {
+        loop {
+            let notified = self.ready.notified();
+            if let Some(out) = self.try_pop() {
+                return Some(out);
+            }
+            if self.state.lock().closed {
+                return None;
+            }
+            notified.await;
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.state.lock().items.is_empty()
+    }
+
+    /// Refuses every later `push`; what is queued stays for `try_pop`.
+    fn close(&self) {
+        self.state.lock().closed = true;
+        self.ready.notify_one();
+    }
+}
+
 /// Shared between the table entry and the connection task: lets `send` and `shutdown` ask the
 /// task to close without holding its socket.
 pub(super) struct ConnCtl {
     close: Notify,
     /// 0 while open, else the `CloseReason` asked for.
     requested: AtomicU8,
+    queue: WriteQueue,
 }
 
 impl ConnCtl {
@@ -53,6 +152,7 @@ impl ConnCtl {
         ConnCtl {
             close: Notify::new(),
             requested: AtomicU8::new(0),
+            queue: WriteQueue::new(),
         }
     }
 
@@ -80,7 +180,7 @@ impl ConnCtl {
 struct ConnEntry {
     /// Fixed when the entry is created (see `Flow` docs on outbound `local`).
     flow: Flow,
-    tx: mpsc::Sender<Outgoing>,
+    /// The connection's write queue lives here too.
     ctl: Arc<ConnCtl>,
     inbound: bool,
     /// SNI of an outbound TLS connection; an outbound TLS connection is only reused for the
@@ -185,14 +285,14 @@ fn push(entry: &ConnEntry, dest: &Dest, data: Bytes) -> Result<Flow, SendError> 
         data,
         dest: Some(dest.clone()),
     };
-    match entry.tx.try_send(out) {
+    match entry.ctl.queue.push(out) {
         Ok(()) => Ok(entry.flow),
-        Err(mpsc::error::TrySendError::Full(_)) => {
+        Err(QueueError::Full) => {
             tracing::warn!(flow = %entry.flow, "write queue full; closing connection");
             entry.ctl.request_close(CloseReason::Error);
             Err(SendError::QueueFull)
         }
-        Err(mpsc::error::TrySendError::Closed(_)) => Err(SendError::FlowGone),
+        Err(QueueError::Closed) => Err(SendError::FlowGone),
     }
 }
 
@@ -209,7 +309,7 @@ struct ConnGuard {
     inner: Arc<Inner>,
     id: ConnId,
     transport: Transport,
-    rx: mpsc::Receiver<Outgoing>,
+    ctl: Arc<ConnCtl>,
     reason: CloseReason,
     /// Reported for messages still queued at close; `FlowGone` unless a connect failed.
     queued_error: Option<SendError>,
@@ -220,11 +320,11 @@ impl Drop for ConnGuard {
         let entry = self.inner.table.lock().remove(self.id);
         // No sender can enqueue once the entry is gone (senders only exist in the table and
         // in this task), so after this everything left in the queue is final.
-        self.rx.close();
+        self.ctl.queue.close();
         stats::closed(self.transport, self.reason);
         stats::gauge_dec(self.transport);
         let err = self.queued_error.take().unwrap_or(SendError::FlowGone);
-        while let Ok(out) = self.rx.try_recv() {
+        while let Some(out) = self.ctl.queue.try_pop() {
             if let Some(dest) = &out.dest {
                 self.inner.handler.on_send_error(dest, &out.data, &err);
             }
@@ -242,7 +342,6 @@ impl Drop for ConnGuard {
 struct Admitted {
     guard: ConnGuard,
     ctl: Arc<ConnCtl>,
-    tx: mpsc::Sender<Outgoing>,
     flow: Flow,
 }
 
@@ -301,7 +400,6 @@ impl Inner {
             remote,
             conn: Some(id),
         };
-        let (tx, rx) = mpsc::channel(WRITE_QUEUE_LEN);
         let ctl = Arc::new(ConnCtl::new());
         {
             let mut table = self.table.lock();
@@ -320,7 +418,6 @@ impl Inner {
                 id,
                 ConnEntry {
                     flow,
-                    tx: tx.clone(),
                     ctl: ctl.clone(),
                     inbound: true,
                     server_name: None,
@@ -337,16 +434,11 @@ impl Inner {
             inner: self.clone(),
             id,
             transport,
-            rx,
+            ctl: ctl.clone(),
             reason: CloseReason::Error,
             queued_error: None,
         };
-        Ok(Admitted {
-            guard,
-            ctl,
-            tx,
-            flow,
-        })
+        Ok(Admitted { guard, ctl, flow })
     }
 
     /// Marks an inbound TLS connection established: announced and reusable. False if it was
@@ -417,7 +509,6 @@ impl Inner {
             remote,
             conn: Some(id),
         };
-        let (tx, rx) = mpsc::channel(WRITE_QUEUE_LEN);
         let ctl = Arc::new(ConnCtl::new());
         {
             let mut table = self.table.lock();
@@ -430,16 +521,16 @@ impl Inner {
             if table.conns.len() >= self.cfg.max_connections {
                 return Err(SendError::ConnectionLimit);
             }
-            tx.try_send(Outgoing {
-                data,
-                dest: Some(dest.clone()),
-            })
-            .map_err(|_| SendError::QueueFull)?;
+            ctl.queue
+                .push(Outgoing {
+                    data,
+                    dest: Some(dest.clone()),
+                })
+                .map_err(|_| SendError::QueueFull)?;
             table.conns.insert(
                 id,
                 ConnEntry {
                     flow,
-                    tx: tx.clone(),
                     ctl: ctl.clone(),
                     inbound: false,
                     server_name: server_name.cloned(),
@@ -455,12 +546,12 @@ impl Inner {
             inner: self.clone(),
             id,
             transport,
-            rx,
+            ctl: ctl.clone(),
             reason: CloseReason::Error,
             queued_error: None,
         };
         self.rt
-            .spawn(run_outbound(self.clone(), guard, ctl, tx, flow, sni));
+            .spawn(run_outbound(self.clone(), guard, ctl, flow, sni));
         Ok(flow)
     }
 }
@@ -507,18 +598,24 @@ async fn run_inbound(
     let Admitted {
         mut guard,
         ctl,
-        tx,
         flow,
     } = admitted;
     if let Err(err) = tcp.set_nodelay(true) {
         tracing::debug!(%flow, error = %err, "set_nodelay failed");
     }
     let Some(acceptor) = acceptor else {
-        serve(&inner, &mut guard, &ctl, tx, flow, tcp).await;
+        serve(&inner, &mut guard, &ctl, flow, tcp).await;
         return;
     };
+    // The handshake future and the established stream are boxed: the task's future is
+    // allocated at its largest state for the connection's whole life, and an inline rustls
+    // connection (~1.2 KiB, in the handshake future, in `handshake` below and in `serve`'s
+    // argument, none of which share space) made it ~4.4 KiB.
+    let accept = Box::pin(acceptor.accept(tcp));
     let handshake = tokio::select! {
-        r = tokio::time::timeout(inner.cfg.tls_handshake_timeout, acceptor.accept(tcp)) => r,
+        r = tokio::time::timeout(inner.cfg.tls_handshake_timeout, accept) => {
+            r.map(|r| r.map(Box::new))
+        }
         () = ctl.close.notified() => {
             guard.reason = ctl.reason();
             return;
@@ -527,7 +624,7 @@ async fn run_inbound(
     match handshake {
         Ok(Ok(tls)) => {
             if inner.establish_inbound(guard.id) {
-                serve(&inner, &mut guard, &ctl, tx, flow, tls).await;
+                serve(&inner, &mut guard, &ctl, flow, tls).await;
             } else {
                 guard.reason = CloseReason::Shutdown;
             }
@@ -568,7 +665,7 @@ async fn connect(
     let connector = TlsConnector::from(inner.cfg.tls_client.clone());
     match tokio::time::timeout(
         inner.cfg.tls_handshake_timeout,
-        connector.connect(name, tcp),
+        Box::pin(connector.connect(name, tcp)),
     )
     .await
     {
@@ -582,7 +679,6 @@ async fn run_outbound(
     inner: Arc<Inner>,
     mut guard: ConnGuard,
     ctl: Arc<ConnCtl>,
-    tx: mpsc::Sender<Outgoing>,
     flow: Flow,
     sni: Option<ServerName<'static>>,
 ) {
@@ -596,11 +692,11 @@ async fn run_outbound(
     match connected {
         Ok(Connected::Tcp(tcp)) => {
             log_connected(&flow, tcp.local_addr());
-            serve(&inner, &mut guard, &ctl, tx, flow, tcp).await;
+            serve(&inner, &mut guard, &ctl, flow, tcp).await;
         }
         Ok(Connected::Tls(tls)) => {
             log_connected(&flow, tls.get_ref().0.local_addr());
-            serve(&inner, &mut guard, &ctl, tx, flow, tls).await;
+            serve(&inner, &mut guard, &ctl, flow, tls).await;
         }
         Err(err) => {
             tracing::info!(%flow, error = %err, "outbound connection failed");
@@ -618,25 +714,58 @@ fn log_connected(flow: &Flow, local: std::io::Result<SocketAddr>) {
 }
 
 /// Runs an established connection until it ends; records why in the guard.
-async fn serve<S>(
-    inner: &Inner,
-    guard: &mut ConnGuard,
-    ctl: &ConnCtl,
-    tx: mpsc::Sender<Outgoing>,
-    flow: Flow,
-    stream: S,
-) where
+async fn serve<S>(inner: &Inner, guard: &mut ConnGuard, ctl: &ConnCtl, flow: Flow, stream: S)
+where
     S: AsyncRead + AsyncWrite + Send + Unpin,
 {
     let (rd, wr) = tokio::io::split(stream);
     let activity = Activity::new();
     let reason = tokio::select! {
-        r = read_loop(inner, flow, rd, &activity, &tx) => r,
-        r = write_loop(inner, wr, &mut guard.rx, &activity) => r,
+        r = read_loop(inner, flow, rd, &activity, &ctl.queue) => r,
+        r = write_loop(inner, wr, &ctl.queue, &activity) => r,
         () = idle_timer(&activity, inner.cfg.idle_timeout) => CloseReason::Idle,
         () = ctl.close.notified() => ctl.reason(),
     };
     guard.reason = reason;
+}
+
+/// One read from `rd` into the thread's scratch buffer, appended to `framer` (made when the
+/// first bytes of a message arrive) before the poll returns. Resolves to the number of bytes
+/// read, 0 at end of stream.
+///
+/// Correct for any `AsyncRead` because a read that returns `Pending` has put nothing in the
+/// buffer, so the scratch buffer holds nothing of this connection between polls.
+fn read_some<'a, R>(
+    rd: &'a mut R,
+    framer: &'a mut Option<StreamFramer>,
+    max_message_size: usize,
+) -> impl Future<Output = io::Result<usize>> + 'a
+where
+    R: AsyncRead + Unpin,
+{
+    std::future::poll_fn(move |cx| {
+        // Taken out of the cell (not borrowed) so that even a reentrant poll cannot fail:
+        // it would find the cell empty and use a buffer of its own.
+        let mut scratch = READ_SCRATCH
+            .with(Cell::take)
+            .unwrap_or_else(|| vec![0u8; READ_CHUNK].into_boxed_slice());
+        let mut rb = ReadBuf::new(&mut scratch);
+        let r = match Pin::new(&mut *rd).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) => {
+                let data = rb.filled();
+                if !data.is_empty() {
+                    framer
+                        .get_or_insert_with(|| StreamFramer::new(max_message_size))
+                        .push(data);
+                }
+                Poll::Ready(Ok(data.len()))
+            }
+            Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
+            Poll::Pending => Poll::Pending,
+        };
+        READ_SCRATCH.with(|cell| cell.set(Some(scratch)));
+        r
+    })
 }
 
 async fn read_loop<R>(
@@ -644,42 +773,47 @@ async fn read_loop<R>(
     flow: Flow,
     mut rd: R,
     activity: &Activity,
-    tx: &mpsc::Sender<Outgoing>,
+    queue: &WriteQueue,
 ) -> CloseReason
 where
     R: AsyncRead + Unpin,
 {
-    let mut framer = StreamFramer::new(inner.cfg.max_message_size);
-    let mut buf = vec![0u8; READ_CHUNK];
+    // Only while a message is being received: between messages a connection keeps no
+    // buffer (the framer's is at least 4 KiB).
+    let mut framer: Option<StreamFramer> = None;
+    let max = inner.cfg.max_message_size;
     // When the bytes still buffered (a message not yet complete) began to arrive: the rest
     // must come within message_timeout.
     let mut partial_since: Option<tokio::time::Instant> = None;
     loop {
-        let read = rd.read(&mut buf);
+        let read = read_some(&mut rd, &mut framer, max);
         let r = match partial_since {
             Some(t) => match tokio::time::timeout_at(t + inner.cfg.message_timeout, read).await {
                 Ok(r) => r,
                 Err(_) => {
-                    tracing::debug!(%flow, buffered = framer.buffered(), "message not finished in time; closing (slow sender)");
+                    let buffered = framer.as_ref().map_or(0, StreamFramer::buffered);
+                    tracing::debug!(%flow, buffered, "message not finished in time; closing (slow sender)");
                     return CloseReason::Slow;
                 }
             },
             None => read.await,
         };
-        let n = match r {
+        match r {
             Ok(0) => return CloseReason::Eof,
-            Ok(n) => n,
+            Ok(_) => {}
             Err(err) => {
                 tracing::debug!(%flow, error = %err, "read failed");
                 return CloseReason::Error;
             }
-        };
+        }
         let received_at = Instant::now();
         activity.touch();
-        framer.push(&buf[..n]);
+        let Some(fr) = framer.as_mut() else {
+            continue;
+        };
         let mut framed = false;
         loop {
-            let frame = framer.next_frame();
+            let frame = fr.next_frame();
             framed |= matches!(frame, Ok(Some(_)));
             match frame {
                 Ok(Some(Frame::Message(data))) => super::deliver(
@@ -695,7 +829,7 @@ where
                         data: Bytes::from_static(b"\r\n"),
                         dest: None,
                     };
-                    if tx.try_send(pong).is_err() {
+                    if queue.push(pong).is_err() {
                         tracing::warn!(%flow, "write queue full; closing connection");
                         return CloseReason::Error;
                     }
@@ -709,7 +843,12 @@ where
                 }
             }
         }
-        partial_since = match (framer.buffered(), partial_since) {
+        let buffered = fr.buffered();
+        if buffered == 0 {
+            // Between messages: nothing of the framer is needed until the next byte.
+            framer = None;
+        }
+        partial_since = match (buffered, partial_since) {
             (0, _) => None,
             // A message completed in this read: what remains started now.
             (_, _) if framed => Some(tokio::time::Instant::now()),
@@ -722,17 +861,17 @@ where
 async fn write_loop<W>(
     inner: &Inner,
     mut wr: W,
-    rx: &mut mpsc::Receiver<Outgoing>,
+    queue: &WriteQueue,
     activity: &Activity,
 ) -> CloseReason
 where
     W: AsyncWrite + Unpin,
 {
-    while let Some(out) = rx.recv().await {
+    while let Some(out) = queue.pop().await {
         let mut result = wr.write_all(&out.data).await;
         // Flush only once the queue is drained, so a burst goes out in as few TLS records and
         // segments as possible.
-        if result.is_ok() && rx.is_empty() {
+        if result.is_ok() && queue.is_empty() {
             result = wr.flush().await;
         }
         if let Err(err) = result {
@@ -746,6 +885,6 @@ where
         }
         activity.touch();
     }
-    // Unreachable while the table holds a sender; treat as an error close if it happens.
+    // Only after the queue was closed, which the guard does when the task ends.
     CloseReason::Error
 }
