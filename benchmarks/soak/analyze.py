@@ -144,7 +144,8 @@ def main():
                   f"{ph['first_failed']} | {ph['latency_p50_ms']} | {ph['latency_p99_ms']} | {ph['latency_max_ms']} |")
         md.append(f"| phones: refreshes / unregistrations | {ph['refreshes_ok'] + ph['refreshes_failed']} / "
                   f"{ph['registered']} | {ph['refreshes_failed']} / {ph['registered'] - ph['unregistered']} "
-                  f"(timeouts {ph['timeouts']}, connection errors {ph['connect_errors']}) | | | |")
+                  f"(timeouts {ph['timeouts']}, connection errors {ph['connect_errors']}, "
+                  f"reconnections {ph.get('reconnects', 0)}) | | | |")
     m = load_json(os.path.join(out, "media.json"))
     if m:
         s, td = m["setup"], m["teardown"]

@@ -3,6 +3,8 @@
 #
 #   - PHONES_UDP + PHONES_TLS phones (sbc-phones: each its own UDP socket or TLS connection)
 #     registered for the whole run, refreshing every PHONE_EXPIRES/2 s, unregistering at the end;
+#     a TLS phone whose connection the SBC closes (its re-registration wave after a failover
+#     does that on purpose) reconnects and registers again, as real phones do;
 #   - REGISTER refreshes: REG_USERS phones (users u0..), REG_RATE REGISTER/s, Expires REG_EXPIRES
 #     (every phone refreshes well before it expires), from REG_SOCKETS UDP sockets;
 #   - CALL_RATE calls/s (INVITE/200/ACK, CALL_HOLD_MS, BYE), signalling only;
@@ -127,7 +129,7 @@ CALLS=$!; PIDS+=($CALLS)
 "$BIN/sbc-phones" run --target "$SIP" --target-tls 127.0.0.21:25061 --ca "$OUT/pki/ca.pem" \
   --udp "$PHONES_UDP" --tls "$PHONES_TLS" --local-ip 127.0.0.29 --expires "$PHONE_EXPIRES" \
   --rate 200 --duration "$DURATION" --ready-file "$OUT/phones.ready" --json "$OUT/phones.json" \
-  > "$OUT/phones.log" 2>&1 &
+  --reconnect > "$OUT/phones.log" 2>&1 &
 PHONES=$!; PIDS+=($PHONES)
 WINDOWS=$(( (DURATION - 10) / MEDIA_WINDOW_S ))
 (( WINDOWS >= 1 )) || WINDOWS=1

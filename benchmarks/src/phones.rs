@@ -59,6 +59,8 @@ pub struct PhonesOpts {
     pub duration: Duration,
     pub timeout: Duration,
     pub ready_file: Option<PathBuf>,
+    /// TLS phones reconnect (after 0-2 s) and register again when their connection closes.
+    pub reconnect: bool,
 }
 
 /// What the phones saw.
@@ -75,6 +77,8 @@ pub struct PhonesReport {
     pub unregistered: u64,
     pub timeouts: u64,
     pub connect_errors: u64,
+    /// TLS connections reopened after the SBC (or the network) closed one (`--reconnect`).
+    pub reconnects: u64,
     pub statuses: BTreeMap<u16, u64>,
     pub retransmissions: u64,
     /// Seconds from the start until every phone had its first answer.
@@ -93,6 +97,7 @@ struct Shared {
     unregistered: AtomicU64,
     timeouts: AtomicU64,
     connect_errors: AtomicU64,
+    reconnects: AtomicU64,
     retransmissions: AtomicU64,
     first_done: AtomicU64,
     statuses: Mutex<BTreeMap<u16, u64>>,
@@ -175,6 +180,10 @@ trait Wire {
         sh: &Shared,
         timeout: Duration,
     ) -> anyhow::Result<Outcome>;
+
+    /// Between transactions: returns when the connection closes or fails (never for UDP),
+    /// answering keep-alive pings meanwhile.
+    async fn idle(&mut self) -> anyhow::Result<()>;
 }
 
 struct UdpWire {
@@ -219,6 +228,10 @@ impl Wire for UdpWire {
                 }
             }
         }
+    }
+
+    async fn idle(&mut self) -> anyhow::Result<()> {
+        std::future::pending().await
     }
 }
 
@@ -265,32 +278,63 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire for StreamWire<S> {
             }
         }
     }
+
+    async fn idle(&mut self) -> anyhow::Result<()> {
+        loop {
+            match self.io.read(&mut self.buf).await? {
+                0 => bail!("connection closed by the SBC"),
+                n => self.framer.push(&self.buf[..n]),
+            }
+            // Stray messages between transactions are dropped; pings are answered.
+            while let Some(frame) = self
+                .framer
+                .next_frame()
+                .map_err(|e| anyhow!("framing: {e:?}"))?
+            {
+                if let Frame::Ping = frame {
+                    self.io.write_all(b"\r\n").await?;
+                }
+            }
+        }
+    }
 }
 
-/// Registers, refreshes until stopped, unregisters.
+/// Where a phone is in its life, kept across reconnections.
+struct Life {
+    first: bool,
+    registered: bool,
+    next: tokio::time::Instant,
+}
+
+/// Registers, refreshes until stopped, unregisters. Returns early (true) when a TLS
+/// connection broke, for the caller to reconnect.
 async fn phone_life<W: Wire>(
-    mut wire: W,
-    mut phone: Phone,
-    o: Arc<PhonesOpts>,
-    sh: Arc<Shared>,
+    wire: &mut W,
+    phone: &mut Phone,
+    o: &PhonesOpts,
+    sh: &Shared,
     first_refresh: Duration,
     end: tokio::time::Instant,
-) {
-    let mut first = true;
-    let mut next = tokio::time::Instant::now();
-    let mut registered = false;
+    life: &mut Life,
+) -> bool {
     let mut stop_rx = sh.stop_tx.subscribe();
-    while !sh.stop.load(Ordering::Relaxed) && next < end {
-        tokio::select! {
-            _ = tokio::time::sleep_until(next) => {}
-            _ = stop_rx.changed() => {}
+    while !sh.stop.load(Ordering::Relaxed) && life.next < end {
+        let closed = tokio::select! {
+            _ = tokio::time::sleep_until(life.next) => false,
+            _ = stop_rx.changed() => false,
+            r = wire.idle() => r.is_err(),
+        };
+        if closed {
+            sh.connect_errors.fetch_add(1, Ordering::Relaxed);
+            return true;
         }
         if sh.stop.load(Ordering::Relaxed) {
             break;
         }
+        let first = life.first;
         let (msg, branch) = phone.register(o.expires);
         let t0 = Instant::now();
-        let outcome = wire.transact(&msg, &branch, &sh, o.timeout).await;
+        let outcome = wire.transact(&msg, &branch, sh, o.timeout).await;
         let broken = outcome.is_err();
         let ok = match outcome {
             Ok(Outcome::Ok) => {
@@ -320,29 +364,31 @@ async fn phone_life<W: Wire>(
         if first {
             sh.first_done.fetch_add(1, Ordering::Relaxed);
         }
-        registered |= ok;
-        if broken && phone.transport == "TLS" {
-            // A TLS phone whose connection broke stops (a real one would reconnect; here
-            // that would hide the failure).
-            return;
-        }
+        life.registered |= ok;
         let wait = if first {
             first_refresh
         } else {
             Duration::from_secs(u64::from(o.expires / 2).max(1))
         };
-        first = false;
-        next = tokio::time::Instant::now() + wait;
+        life.first = false;
+        life.next = tokio::time::Instant::now() + wait;
+        if broken && phone.transport == "TLS" {
+            // Without --reconnect the phone stops here, so the failure shows; with it the
+            // caller reconnects and the phone registers again at once.
+            life.next = tokio::time::Instant::now();
+            return true;
+        }
     }
-    if registered {
+    if life.registered {
         let (msg, branch) = phone.register(0);
         if let Ok(Outcome::Ok) = wire
-            .transact(&msg, &branch, &sh, Duration::from_secs(5))
+            .transact(&msg, &branch, sh, Duration::from_secs(5))
             .await
         {
             sh.unregistered.fetch_add(1, Ordering::Relaxed);
         }
     }
+    false
 }
 
 /// PEM of a fresh CA and of a server certificate for `ip` it issued (cert, key), for the
@@ -412,6 +458,7 @@ async fn run_async(o: PhonesOpts) -> anyhow::Result<PhonesReport> {
         unregistered: AtomicU64::new(0),
         timeouts: AtomicU64::new(0),
         connect_errors: AtomicU64::new(0),
+        reconnects: AtomicU64::new(0),
         retransmissions: AtomicU64::new(0),
         first_done: AtomicU64::new(0),
         statuses: Mutex::new(BTreeMap::new()),
@@ -472,46 +519,94 @@ async fn run_async(o: PhonesOpts) -> anyhow::Result<PhonesReport> {
                 .await
                 .context("binding a phone's UDP socket (fd limit?)")?;
             phone.local = sock.local_addr()?;
-            let wire = UdpWire {
+            let mut wire = UdpWire {
                 sock,
                 target: o.target_udp,
                 buf: vec![0u8; 8192],
             };
-            tasks.spawn(phone_life(wire, phone, o2, sh2, first_refresh, end));
+            tasks.spawn(async move {
+                let mut life = Life {
+                    first: true,
+                    registered: false,
+                    next: tokio::time::Instant::now(),
+                };
+                phone_life(
+                    &mut wire,
+                    &mut phone,
+                    &o2,
+                    &sh2,
+                    first_refresh,
+                    end,
+                    &mut life,
+                )
+                .await;
+            });
         } else {
             let (Some(target), Some(cfg)) = (o.target_tls, tls_cfg.clone()) else {
                 bail!("TLS phones need --target-tls and --ca");
             };
             tasks.spawn(async move {
-                let connect = async {
-                    let s = match target {
-                        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-                        SocketAddr::V6(_) => TcpSocket::new_v6()?,
-                    };
-                    s.bind(SocketAddr::new(o2.local_ip, 0))?;
-                    let tcp = s.connect(target).await?;
-                    let local = tcp.local_addr()?;
-                    let name = rustls::pki_types::ServerName::from(target.ip());
-                    let io = tokio_rustls::TlsConnector::from(cfg)
-                        .connect(name, tcp)
-                        .await?;
-                    anyhow::Ok((io, local))
+                let mut life = Life {
+                    first: true,
+                    registered: false,
+                    next: tokio::time::Instant::now(),
                 };
-                match tokio::time::timeout(o2.timeout, connect).await {
-                    Ok(Ok((io, local))) => {
-                        phone.local = local;
-                        let wire = StreamWire {
-                            io,
-                            framer: StreamFramer::new(65535),
-                            buf: vec![0u8; 8192],
+                loop {
+                    let connect = async {
+                        let s = match target {
+                            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+                            SocketAddr::V6(_) => TcpSocket::new_v6()?,
                         };
-                        phone_life(wire, phone, o2, sh2, first_refresh, end).await;
+                        s.bind(SocketAddr::new(o2.local_ip, 0))?;
+                        let tcp = s.connect(target).await?;
+                        let local = tcp.local_addr()?;
+                        let name = rustls::pki_types::ServerName::from(target.ip());
+                        let io = tokio_rustls::TlsConnector::from(cfg.clone())
+                            .connect(name, tcp)
+                            .await?;
+                        anyhow::Ok((io, local))
+                    };
+                    match tokio::time::timeout(o2.timeout, connect).await {
+                        Ok(Ok((io, local))) => {
+                            phone.local = local;
+                            let mut wire = StreamWire {
+                                io,
+                                framer: StreamFramer::new(65535),
+                                buf: vec![0u8; 8192],
+                            };
+                            let broken = phone_life(
+                                &mut wire,
+                                &mut phone,
+                                &o2,
+                                &sh2,
+                                first_refresh,
+                                end,
+                                &mut life,
+                            )
+                            .await;
+                            if !broken {
+                                break;
+                            }
+                        }
+                        _ if !life.first => {
+                            sh2.connect_errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                        _ => {
+                            sh2.connect_errors.fetch_add(1, Ordering::Relaxed);
+                            sh2.first_failed.fetch_add(1, Ordering::Relaxed);
+                            sh2.first_done.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
                     }
-                    _ => {
-                        sh2.connect_errors.fetch_add(1, Ordering::Relaxed);
-                        sh2.first_failed.fetch_add(1, Ordering::Relaxed);
-                        sh2.first_done.fetch_add(1, Ordering::Relaxed);
+                    let now = tokio::time::Instant::now();
+                    if !o2.reconnect || sh2.stop.load(Ordering::Relaxed) || now >= end {
+                        break;
                     }
+                    // Spread the reconnections (RFC 5626 4.5 backs off; 0-2 s is enough here).
+                    let pause = Duration::from_millis(rand::random::<u64>() % 2000);
+                    tokio::time::sleep(pause).await;
+                    sh2.reconnects.fetch_add(1, Ordering::Relaxed);
+                    life.next = tokio::time::Instant::now();
                 }
             });
         }
@@ -558,6 +653,7 @@ async fn run_async(o: PhonesOpts) -> anyhow::Result<PhonesReport> {
         unregistered: sh.unregistered.load(Ordering::Relaxed),
         timeouts: sh.timeouts.load(Ordering::Relaxed),
         connect_errors: sh.connect_errors.load(Ordering::Relaxed),
+        reconnects: sh.reconnects.load(Ordering::Relaxed),
         statuses,
         retransmissions: sh.retransmissions.load(Ordering::Relaxed),
         ready_seconds,

@@ -14,6 +14,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once at start: the size of the larger variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Writes ca.pem, cert.pem and key.pem (a fresh CA and a server certificate for --ip)
@@ -63,6 +65,12 @@ enum Cmd {
         /// Written (JSON) once every phone has had its first answer.
         #[arg(long)]
         ready_file: Option<PathBuf>,
+        /// A TLS phone whose connection closes reconnects and registers again, as real
+        /// phones do (RFC 5626 4.5) and as the SBC expects when its re-registration wave
+        /// closes flows after a failover. Without it such a phone stops, so that a closed
+        /// connection shows as a failure.
+        #[arg(long)]
+        reconnect: bool,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -103,6 +111,7 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             duration,
             timeout,
             ready_file,
+            reconnect,
             json,
         } => {
             let ca_pem = match ca {
@@ -126,6 +135,7 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
                 duration: Duration::from_secs(duration),
                 timeout: Duration::from_secs(timeout),
                 ready_file,
+                reconnect,
             })?;
             let text = serde_json::to_string_pretty(&rep)?;
             println!("{text}");
