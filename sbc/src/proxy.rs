@@ -2234,7 +2234,7 @@ impl Proxy {
         const MARK: &[u8] = b"z9hG4bK-sbc-";
         let mut hash: Option<[u8; 8]> = None;
         msg.values(HeaderName::Via).any(|(_, v)| {
-            if memchr::memmem::find(v, MARK).is_none() {
+            if OUR_BRANCH_MARK.find(v).is_none() {
                 return false;
             }
             sbc_sip::via::Via::parse(v).is_ok_and(|via| {
@@ -2297,17 +2297,22 @@ impl Proxy {
         // Our Via on top.
         let hash = loop_hash(msg);
         let n: u64 = rand::random();
-        let mut branch = String::with_capacity(40);
-        let _ = write!(branch, "z9hG4bK-sbc-{hash:08x}-{n:x}");
-        e.insert_fmt(
-            edit::top_insert_point(msg, HeaderName::Via),
-            format_args!(
-                "Via: SIP/2.0/{} {}:{};branch={branch};rport\r\n",
-                out_l.transport.via_token(),
-                out_l.host,
-                out_l.port
-            ),
-        );
+        let mut branch: Vec<u8> = Vec::with_capacity(40);
+        branch.extend_from_slice(b"z9hG4bK-sbc-");
+        push_hex(&mut branch, u64::from(hash), 8);
+        branch.push(b'-');
+        push_hex(&mut branch, n, 1);
+        e.insert_with(edit::top_insert_point(msg, HeaderName::Via), |b| {
+            b.extend_from_slice(b"Via: SIP/2.0/");
+            b.extend_from_slice(out_l.transport.via_token().as_bytes());
+            b.push(b' ');
+            b.extend_from_slice(out_l.host.as_bytes());
+            b.push(b':');
+            push_dec(b, out_l.port.into());
+            b.extend_from_slice(b";branch=");
+            b.extend_from_slice(&branch);
+            b.extend_from_slice(b";rport\r\n");
+        });
         // A phone's request: its Vias stay with us (topology hiding), else they are stamped.
         let hide = self.hides_topology_of(in_flow, public_flow);
         let hidden_vias = if hide {
@@ -2336,8 +2341,9 @@ impl Proxy {
         // Max-Forwards.
         match (msg.header(HeaderName::MaxForwards), msg.max_forwards()) {
             (Some(h), Some(mf)) => {
-                let v = (mf.saturating_sub(1)).to_string();
-                e.replace(h.value.range(), v.as_bytes());
+                let mut v: SmallVec<[u8; 4]> = SmallVec::new();
+                push_dec(&mut v, mf.saturating_sub(1).into());
+                e.replace(h.value.range(), &v);
             }
             _ => e.insert(msg.headers_end(), b"Max-Forwards: 70\r\n"),
         }
@@ -2420,15 +2426,16 @@ impl Proxy {
         }
         if method == Method::Register {
             let at = edit::top_insert_point(msg, HeaderName::Path);
-            e.insert_fmt(
-                at,
-                format_args!(
-                    "Path: <sip:{user}{}:{};transport={};lr;ob>\r\n",
-                    out_l.host,
-                    out_l.port,
-                    out_l.transport.uri_param()
-                ),
-            );
+            e.insert_with(at, |b| {
+                b.extend_from_slice(b"Path: <sip:");
+                b.extend_from_slice(user.as_bytes());
+                b.extend_from_slice(out_l.host.as_bytes());
+                b.push(b':');
+                push_dec(b, out_l.port.into());
+                b.extend_from_slice(b";transport=");
+                b.extend_from_slice(out_l.transport.uri_param().as_bytes());
+                b.extend_from_slice(b";lr;ob>\r\n");
+            });
             let has_path = msg.values(HeaderName::Supported).any(|(_, v)| {
                 v.split(|&b| b == b',')
                     .any(|t| sbc_sip::scan::trim(t).eq_ignore_ascii_case(b"path"))
@@ -2442,7 +2449,7 @@ impl Proxy {
         }
         Some(Forwarded {
             bytes: Bytes::from(e.apply(msg.as_bytes())),
-            branch: branch.into_bytes().into_boxed_slice(),
+            branch: branch.into_boxed_slice(),
             record_routes,
             hidden_vias,
         })
@@ -2462,7 +2469,7 @@ impl Proxy {
     /// The phone's own URI when the Request-URI is one of our aliases.
     fn unaliased_ruri(&self, msg: &Message) -> Option<Vec<u8>> {
         // Cheap test first: almost no Request-URI is an alias.
-        memchr::memmem::find(msg.uri_bytes(), b"sbcc=")?;
+        ALIAS_MARK.find(msg.uri_bytes())?;
         crate::topology::unalias(&msg.uri()?, &self.tokens)
     }
 
@@ -2471,25 +2478,24 @@ impl Proxy {
     fn on_response(&self, msg: Message, inb: &Inbound, now: Instant, out: &mut Out) {
         // A registrar's answer lists the aliases topology hiding gave the phone's contacts:
         // the phone (and the registration cache) must see its own URIs.
-        let msg = if msg.cseq_method() == Method::Register
-            && memchr::memmem::find(msg.as_bytes(), b"sbcc=").is_some()
-        {
-            let mut ue = Edits::new();
-            crate::topology::unalias_contacts(&msg, &self.tokens, &mut ue);
-            if ue.is_empty() {
-                msg
-            } else {
-                match Message::parse_with(
-                    Bytes::from(ue.apply(msg.as_bytes())),
-                    &self.settings.limits,
-                ) {
-                    Ok(m) => m,
-                    Err(_) => msg,
+        let msg =
+            if msg.cseq_method() == Method::Register && ALIAS_MARK.find(msg.as_bytes()).is_some() {
+                let mut ue = Edits::new();
+                crate::topology::unalias_contacts(&msg, &self.tokens, &mut ue);
+                if ue.is_empty() {
+                    msg
+                } else {
+                    match Message::parse_with(
+                        Bytes::from(ue.apply(msg.as_bytes())),
+                        &self.settings.limits,
+                    ) {
+                        Ok(m) => m,
+                        Err(_) => msg,
+                    }
                 }
-            }
-        } else {
-            msg
-        };
+            } else {
+                msg
+            };
         let status = msg.status().unwrap_or(0);
         let Some(via) = msg.top_via() else { return };
         let Some(branch) = via.branch else {
@@ -2950,6 +2956,40 @@ impl std::fmt::Write for AsFmt<'_> {
 }
 
 /// Hash of the fields RFC 3261 16.6 step 8 names for loop detection.
+/// Appends `n` in decimal (the hot path's ports and Max-Forwards, without `fmt`).
+fn push_dec<B: Extend<u8>>(b: &mut B, n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    b.extend(digits[i..].iter().copied());
+}
+
+/// Appends `n` in lowercase hex, zero-padded to at least `width` digits (like `{:0width$x}`).
+fn push_hex(b: &mut Vec<u8>, n: u64, width: usize) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let len = ((64 - n.leading_zeros() as usize).div_ceil(4))
+        .max(width)
+        .max(1);
+    for k in (0..len).rev() {
+        let nib = if k < 16 { (n >> (k * 4)) & 0xf } else { 0 };
+        b.push(HEX[nib as usize]);
+    }
+}
+
+/// Finders built once: `memmem::find` builds its searcher on every call.
+static OUR_BRANCH_MARK: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"z9hG4bK-sbc-"));
+static ALIAS_MARK: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"sbcc="));
+
 fn loop_hash(msg: &Message) -> u32 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = ahash::RandomState::with_seeds(1, 2, 3, 4).build_hasher();
@@ -3197,4 +3237,23 @@ fn outcome_label(o: NodeOutcome) -> &'static str {
 /// configured branch timeout, not that plus a tick.
 fn branch_deadline(now: Instant, timeout: Duration) -> Instant {
     now + timeout.saturating_sub(TIMER_TICK)
+}
+
+#[cfg(test)]
+mod number_tests {
+    use super::{push_dec, push_hex};
+
+    #[test]
+    fn decimal_and_hex_match_fmt() {
+        for n in [0u64, 1, 9, 10, 69, 70, 5060, 65535, u64::MAX] {
+            let mut b = Vec::new();
+            push_dec(&mut b, n);
+            assert_eq!(b, n.to_string().into_bytes());
+            for w in [1usize, 8] {
+                let mut h = Vec::new();
+                push_hex(&mut h, n, w);
+                assert_eq!(h, format!("{n:0w$x}").into_bytes(), "{n} width {w}");
+            }
+        }
+    }
 }

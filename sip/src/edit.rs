@@ -68,6 +68,20 @@ impl Edits {
         });
     }
 
+    /// Inserts at `at` what `write` appends to the buffer it is given: bytes written in
+    /// place, without `fmt` machinery (the forwarding hot path builds its Via and Path so).
+    pub fn insert_with(&mut self, at: usize, write: impl FnOnce(&mut Vec<u8>)) {
+        let d0 = self.scratch.len();
+        write(&mut self.scratch);
+        let seq = self.ops.len() as u16;
+        self.ops.push(Op {
+            start: at as u32,
+            end: at as u32,
+            data: d0 as u32..self.scratch.len() as u32,
+            seq,
+        });
+    }
+
     pub fn replace(&mut self, range: Range<usize>, data: &[u8]) {
         self.push(range, data);
     }
