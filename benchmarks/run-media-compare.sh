@@ -31,6 +31,9 @@
 #   BASE_BIN []              a media-bench binary of another build (e.g. before a relay
 #                            change), run as relay "sbc-base" in the same rounds
 #   SBC_WORKERS [1]          forwarding threads of our relay (it has one core)
+#   SBC_IO []                relay-host --io for relay "sbc" (epoll, uring); empty: the
+#                            relay's default. BASE_BIN's "sbc-base" always gets its default,
+#                            so BASE_BIN may be this same binary to compare the two backends
 #   RTPE_THREADS [1]         rtpengine --num-threads (it has one core)
 #   NG_PORT [22222]          rtpengine --listen-ng port on 127.0.0.1
 #   RTPE_PORTS [40000-49999] rtpengine --port-min/--port-max
@@ -55,6 +58,7 @@ PPS=${PPS:-50}
 TICK_US=${TICK_US:-1000}
 RELAYS=${RELAYS:-"direct sbc rtpengine"}
 SBC_WORKERS=${SBC_WORKERS:-1}
+SBC_IO=${SBC_IO:-}
 RTPE_THREADS=${RTPE_THREADS:-1}
 NG_PORT=${NG_PORT:-22222}
 RTPE_PORTS=${RTPE_PORTS:-40000-49999}
@@ -155,9 +159,11 @@ one_run() { # relay streams run
       ;;
     sbc | sbc-base)
       local host=$MB
-      [ "$relay" = sbc-base ] && host=$OUT/bin/media-bench-base
+      local io_args=()
+      [ -n "$SBC_IO" ] && io_args=(--io "$SBC_IO")
+      [ "$relay" = sbc-base ] && { host=$OUT/bin/media-bench-base; io_args=(); }
       "${RT[@]}" taskset -c 1 "$host" relay-host --calls "$calls" --peer-base "$PEER_BASE" \
-        --workers "$SBC_WORKERS" --map-out "$map" --max-seconds $((DURATION + WARMUP + 120)) \
+        --workers "$SBC_WORKERS" "${io_args[@]}" --map-out "$map" --max-seconds $((DURATION + WARMUP + 120)) \
         2>"$OUT/$name.log" &
       RELAY_PID=$!
       wait_for_file "$map" 30 || { echo "relay-host did not set up:"; cat "$OUT/$name.log"; exit 1; }
@@ -197,7 +203,7 @@ one_run() { # relay streams run
   echo "rustc: $(rustc --version 2>/dev/null)"
   echo "load avg at start: $(cat /proc/loadavg)"
   echo "RUNS=$RUNS DURATION=$DURATION WARMUP=$WARMUP STREAMS=$STREAMS PPS=$PPS TICK_US=$TICK_US"
-  echo "RELAYS=$RELAYS SBC_WORKERS=$SBC_WORKERS RTPE_THREADS=$RTPE_THREADS RT_PRIO=$RT_PRIO MAX_LOAD=$MAX_LOAD LOAD_WAIT=$LOAD_WAIT"
+  echo "RELAYS=$RELAYS SBC_WORKERS=$SBC_WORKERS SBC_IO=$SBC_IO RTPE_THREADS=$RTPE_THREADS RT_PRIO=$RT_PRIO MAX_LOAD=$MAX_LOAD LOAD_WAIT=$LOAD_WAIT"
   echo "pinning: relay taskset -c 1; generator and ng setup taskset -c 0; SCHED_FIFO ${RT_PRIO} (0: off)"
 } | tee "$OUT/env.txt"
 

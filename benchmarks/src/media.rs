@@ -204,6 +204,8 @@ pub struct RelayHostOpts {
     pub workers: usize,
     /// `RelayConfig::coalesce` in microseconds; `None` keeps the relay's default.
     pub coalesce_us: Option<u64>,
+    /// `RelayConfig::io`: "epoll" or "uring"; `None` keeps the relay's default.
+    pub io: Option<String>,
     pub map_out: std::path::PathBuf,
     /// The process exits by itself after this long, should the script that started it die.
     pub max_seconds: u64,
@@ -223,6 +225,9 @@ pub fn relay_host(o: RelayHostOpts) -> anyhow::Result<()> {
     cfg.workers = o.workers;
     if let Some(us) = o.coalesce_us {
         cfg.coalesce = Duration::from_micros(us);
+    }
+    if let Some(io) = &o.io {
+        cfg.io = io.parse().map_err(|e| anyhow::anyhow!("--io: {e}"))?;
     }
     let (relay, _events) = Relay::start(cfg).map_err(|e| anyhow::anyhow!("relay: {e}"))?;
     let rss_before = rss_kib(pid);
@@ -260,10 +265,12 @@ pub fn relay_host(o: RelayHostOpts) -> anyhow::Result<()> {
     };
     map.write(&o.map_out)?;
     eprintln!(
-        "relay-host: {} calls set up in {:.2} s, map in {}",
+        "relay-host: {} calls set up in {:.2} s, map in {}; io {:?}, {} worker(s) on io_uring",
         o.layout.calls,
         map.setup_seconds,
-        o.map_out.display()
+        o.map_out.display(),
+        relay.config().io,
+        relay.totals().uring_workers
     );
     let deadline = Instant::now() + Duration::from_secs(o.max_seconds);
     while Instant::now() < deadline {

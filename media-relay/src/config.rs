@@ -102,11 +102,43 @@ pub struct RelayConfig {
     /// packet; the cost is at most this much added latency for packets arriving during the
     /// wait. Zero turns it off.
     pub coalesce: Duration,
+    /// How the forwarding threads receive and send: epoll with recvmmsg/sendmmsg (default) or
+    /// io_uring. Both apply the same latching, counters and timeouts to every packet.
+    pub io: IoBackend,
+}
+
+/// The forwarding threads' way of receiving and sending packets (`RelayConfig::io`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum IoBackend {
+    /// Edge-triggered epoll; a ready socket is drained with `recvmmsg`, what it held leaves
+    /// through the partner socket in one `sendmmsg`. Per packet at RTP rates (one packet per
+    /// socket per pass): a receive and a send system call.
+    #[default]
+    Epoll,
+    /// io_uring (Linux 6.0+, best on 6.12+): a multishot receive per socket into a ring of
+    /// provided buffers, sends queued as requests, one `io_uring_enter` per pass for all of
+    /// them. Falls back to [`IoBackend::Epoll`] with a warning where the kernel refuses
+    /// (io_uring disabled by sysctl or seccomp, an older kernel).
+    Uring,
+}
+
+impl std::str::FromStr for IoBackend {
+    type Err = MediaError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "epoll" => Ok(IoBackend::Epoll),
+            "uring" | "io_uring" | "io-uring" => Ok(IoBackend::Uring),
+            _ => Err(MediaError::Config(format!(
+                "io backend {s:?}: expected \"epoll\" or \"uring\""
+            ))),
+        }
+    }
 }
 
 impl RelayConfig {
     /// Production defaults: workers per core, 60 s media timeout, 1 h on hold, 3 min before an
-    /// answer, re-latch after 2 s of silence from the latched source, 200 us coalescing.
+    /// answer, re-latch after 2 s of silence from the latched source, 200 us coalescing, epoll.
     pub fn new(public: SideConfig, internal: SideConfig) -> Self {
         RelayConfig {
             public,
@@ -117,6 +149,7 @@ impl RelayConfig {
             setup_timeout: Duration::from_secs(180),
             relatch_after: Duration::from_secs(2),
             coalesce: Duration::from_micros(200),
+            io: IoBackend::Epoll,
         }
     }
 

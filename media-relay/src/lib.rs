@@ -39,9 +39,11 @@
 //! - `config`: [`RelayConfig`], [`SideConfig`], [`Side`].
 //! - `relay`: [`Relay`], call/leg/media-line state, the control operations, events, stats.
 //! - `ports`: even/odd port-pair pools, bound at allocation, FIFO reuse.
-//! - `worker`: forwarding threads (epoll + recvmmsg/sendmmsg), latching, timeouts.
+//! - `worker`: forwarding threads (epoll + recvmmsg/sendmmsg, or io_uring), latching, timeouts.
+//! - `uring`: the io_uring ring, provided buffers and send requests of the io_uring backend.
 //! - `stats`: single-writer atomic counters, RFC 3550 loss and jitter estimators.
-//! - `sys`: the Linux system calls, the crate's only `unsafe`.
+//! - `sys`: the Linux system calls; with `uring` (the io_uring variant) the crate's only
+//!   `unsafe`.
 //!
 //! # Design
 //! **Calls, legs, streams.** A call has two legs: leg 0 is whoever made the first offer, leg 1
@@ -61,6 +63,10 @@
 //! `delete` return once the worker has applied them, so media follows the SDP the proxy is
 //! about to forward. Counters flow back as single-writer atomics, published once per batch.
 //! Bytes are forwarded untouched (SRTP passes through; a=crypto is kept).
+//!
+//! With [`RelayConfig::io`] = [`IoBackend::Uring`] the workers use io_uring instead of epoll:
+//! a multishot receive per socket into provided buffers, sends as queued requests, one
+//! `io_uring_enter` per pass for all of them (falls back to epoll where the kernel refuses).
 //!
 //! **Latching.** The advertised address (SDP) is where media goes until a packet arrives; the
 //! source of the first valid RTP packet (RTCP on the RTCP socket, any datagram for udptl) is
@@ -101,9 +107,10 @@ mod relay;
 pub mod sdp;
 mod stats;
 mod sys;
+mod uring;
 mod worker;
 
-pub use config::{RelayConfig, Side, SideConfig};
+pub use config::{IoBackend, RelayConfig, Side, SideConfig};
 pub use error::MediaError;
 pub use relay::{CallKey, CallStats, LegStats, MediaEvent, MediaStats, Relay, RelayTotals};
 pub use sdp::SdpError;

@@ -147,6 +147,10 @@ pub struct RelayTotals {
     pub free_pairs: [usize; 2],
     /// Port pairs in the public and internal ranges.
     pub total_pairs: [usize; 2],
+    /// Forwarding threads that run on io_uring (`RelayConfig::io`); the others use epoll,
+    /// because it was asked for or because the kernel refused io_uring. A worker decides when
+    /// it starts, so this is final once a first call has been set up.
+    pub uring_workers: usize,
 }
 
 struct Leg {
@@ -290,6 +294,18 @@ impl Relay {
                 totals,
             });
             threads.push(handle);
+        }
+        // Wait until every worker runs with its I/O backend set up (an io_uring ring and its
+        // buffers, or epoll): `totals().uring_workers` is then final, and that memory is the
+        // relay's own, not the first calls'. Removing call 0 (no such call) is a no-op that
+        // is acknowledged once the worker has taken its first commands.
+        for w in &workers {
+            let (done, applied) = std::sync::mpsc::sync_channel(1);
+            w.send(Command::Remove {
+                call: 0,
+                done: Some(done),
+            });
+            let _ = applied.recv_timeout(Duration::from_secs(2));
         }
         tracing::info!(
             workers = n,
@@ -638,6 +654,7 @@ impl Relay {
             t.packets += w.totals.packets.load(Relaxed);
             t.bytes += w.totals.bytes.load(Relaxed);
             t.dropped += w.totals.dropped.load(Relaxed);
+            t.uring_workers += usize::from(w.totals.uring.load(Relaxed));
         }
         for side in Side::ALL {
             let pool = self.shared.pools[self.pool_of(side)].lock();

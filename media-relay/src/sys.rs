@@ -1,6 +1,6 @@
 //! The Linux system calls of the forwarding loop: epoll, eventfd, recvmmsg/sendmmsg, and
-//! conversions between `sockaddr_storage` and `SocketAddr`. All `unsafe` of the crate is here,
-//! behind small safe functions.
+//! conversions between `sockaddr_storage` and `SocketAddr`. All `unsafe` of the crate is here
+//! (and in `uring`, the io_uring variant), behind small safe functions.
 
 use std::io;
 use std::mem::size_of;
@@ -186,6 +186,33 @@ impl RawAddr {
             len: len as libc::socklen_t,
         }
     }
+}
+
+impl RawAddr {
+    /// The address for a `sendto`-style request: pointer (valid while `self` is) and length.
+    pub fn as_ptr(&self) -> (*const libc::sockaddr, libc::socklen_t) {
+        (
+            (&self.storage as *const libc::sockaddr_storage).cast(),
+            self.len,
+        )
+    }
+}
+
+/// Decodes an address the kernel wrote as raw bytes (io_uring's recvmsg header is followed by
+/// the name, unaligned); `None` for other families or short names.
+pub(crate) fn decode_bytes(name: &[u8]) -> Option<SocketAddr> {
+    let len = name.len().min(size_of::<libc::sockaddr_storage>());
+    // SAFETY: all-zero is a valid sockaddr_storage; at most its size is copied into it from a
+    // slice at least that long.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            name.as_ptr(),
+            (&mut storage as *mut libc::sockaddr_storage).cast::<u8>(),
+            len,
+        )
+    };
+    decode(&storage, len as libc::socklen_t)
 }
 
 /// Decodes a kernel-filled address; `None` for families other than IPv4/IPv6.
@@ -381,6 +408,14 @@ mod tests {
             let a: SocketAddr = s.parse().unwrap();
             let raw = RawAddr::new(&a);
             assert_eq!(decode(&raw.storage, raw.len), Some(a));
+            // io_uring hands the name over as bytes, possibly unaligned.
+            let (p, len) = raw.as_ptr();
+            // SAFETY: p points at raw's storage, valid for len bytes.
+            let bytes = unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len as usize) };
+            let mut shifted = vec![0u8; 1];
+            shifted.extend_from_slice(bytes);
+            assert_eq!(decode_bytes(&shifted[1..]), Some(a));
+            assert_eq!(decode_bytes(&shifted[1..4]), None, "short name");
         }
     }
 

@@ -9,10 +9,16 @@
 //! sendmmsg (all of a socket's packets go to the same destination). The control side talks to
 //! a worker through a command queue and an eventfd doorbell; counters go the other way through
 //! single-writer atomics.
+//!
+//! With `RelayConfig::io = Uring` the same worker runs `run_uring` instead: each socket has a
+//! multishot receive in the worker's io_uring (see `uring`), each accepted packet leaves as a
+//! send request from the buffer it arrived in, and one `io_uring_enter` per pass submits the
+//! sends and waits. Commands, the per-packet checks (`Endpoint::inspect`), counters, sweeps and
+//! the coalescing rule are shared with the epoll loop.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 
@@ -20,9 +26,11 @@ use ahash::AHashMap;
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 
+use crate::config::IoBackend;
 use crate::relay::{CallKey, Shared};
 use crate::stats::{bump, RtpEstimator, StreamCounters};
 use crate::sys::{monotonic_ns, set_timer_slack, Batch, Epoll, EventFd, RawAddr, BATCH};
+use crate::uring::{Cqe, Kind, Ring};
 
 const WAKE_TOKEN: u64 = u64::MAX;
 const NO_PARTNER: u32 = u32::MAX;
@@ -109,6 +117,8 @@ pub(crate) struct WorkerTotals {
     pub packets: AtomicU64,
     pub bytes: AtomicU64,
     pub dropped: AtomicU64,
+    /// The worker runs on io_uring.
+    pub uring: AtomicBool,
 }
 
 /// The control side's handle to a worker.
@@ -189,6 +199,37 @@ struct Endpoint {
 }
 
 impl Endpoint {
+    /// The checks every received datagram goes through, whichever backend received it:
+    /// source known, not truncated, class (RTP/RTCP/other), latching; feeds RTP to the loss
+    /// and jitter estimator. Returns the verdict and whether the packet was RTP.
+    #[inline]
+    fn inspect(
+        &mut self,
+        data: &[u8],
+        src: Option<SocketAddr>,
+        truncated: bool,
+        now: u64,
+        relatch_ns: u64,
+    ) -> (Verdict, bool) {
+        let Some(src) = src else {
+            return (Verdict::Invalid, false);
+        };
+        if truncated || data.is_empty() {
+            return (Verdict::Invalid, false);
+        }
+        let class = classify(data, self.id.rtcp);
+        match self.admit(src, class, now, relatch_ns) {
+            Verdict::Accept => {}
+            v => return (v, false),
+        }
+        if let Class::Rtp { ssrc, seq, ts, pt } = class {
+            let rate = self.rate(pt);
+            self.est.on_packet(ssrc, seq, ts, now, rate);
+            return (Verdict::Accept, true);
+        }
+        (Verdict::Accept, false)
+    }
+
     #[inline]
     fn admit(&mut self, src: SocketAddr, class: Class, now: u64, relatch_ns: u64) -> Verdict {
         let latchable = if !self.rtp {
@@ -287,6 +328,11 @@ pub(crate) struct Worker {
     relatch_ns: u64,
     /// `RelayConfig::coalesce`.
     coalesce: std::time::Duration,
+    /// `RelayConfig::io`.
+    io: IoBackend,
+    /// The io_uring backend's ring, set up by the worker thread itself when `io` asks for it
+    /// (a ring is used by the thread that created it); `None`: epoll.
+    uring: Option<Box<Ring>>,
     sweep_every_ns: u64,
     next_sweep_ns: u64,
 }
@@ -311,6 +357,8 @@ impl Worker {
         Ok(Worker {
             relatch_ns: cfg.relatch_after.as_nanos() as u64,
             coalesce: cfg.coalesce.min(std::time::Duration::from_millis(5)),
+            io: cfg.io,
+            uring: None,
             shared,
             queue,
             wake,
@@ -329,6 +377,241 @@ impl Worker {
 
     /// The thread body: wait, forward, apply commands, sweep timeouts, until shut down.
     pub fn run(mut self) {
+        if self.io == IoBackend::Uring {
+            match Ring::new() {
+                Ok(ring) => {
+                    self.uring = Some(Box::new(ring));
+                    self.totals.uring.store(true, Relaxed);
+                    return self.run_uring();
+                }
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "io_uring unavailable; media worker falls back to epoll"
+                ),
+            }
+        }
+        self.run_epoll();
+    }
+
+    /// The io_uring loop: the same passes as [`Worker::run_epoll`] (commands, packets, sweep,
+    /// coalescing), but packets arrive as completions of one multishot receive per socket and
+    /// leave as send requests; one `io_uring_enter` per pass submits the sends and waits.
+    fn run_uring(mut self) {
+        if !self.coalesce.is_zero() {
+            set_timer_slack(5_000);
+        }
+        let coalesce_us = u32::try_from(self.coalesce.as_micros())
+            .unwrap_or(5_000)
+            .max(u32::from(!self.coalesce.is_zero()));
+        let wake_fd = self.wake.raw();
+        if let Some(ring) = self.uring.as_deref_mut() {
+            ring.arm_poll(wake_fd, WAKE_TOKEN);
+        }
+        let mut cqes: Vec<Cqe> = Vec::with_capacity(4096);
+        let mut dense = false;
+        loop {
+            let Some(ring) = self.uring.as_deref_mut() else {
+                return;
+            };
+            let now = monotonic_ns();
+            let timeout_ns = self.next_sweep_ns.saturating_sub(now);
+            // Interrupt moderation as in run_epoll: after a dense pass, the next wait lasts
+            // the coalescing time once something has arrived (the kernel's min-wait), so one
+            // wake-up serves everything that came meanwhile; a sparse pass waits for the
+            // first completion only.
+            let wait_us = if dense { coalesce_us } else { 0 };
+            if let Err(e) = ring.submit_and_wait(timeout_ns, wait_us) {
+                tracing::error!(error = %e, "io_uring_enter failed; media worker stops");
+                self.shutdown();
+                return;
+            }
+            ring.reap(&mut cqes);
+            let now = monotonic_ns();
+            let mut woken = false;
+            let mut rearm_wake = false;
+            for c in &cqes {
+                if matches!(c.kind(WAKE_TOKEN), Kind::Wake) {
+                    woken = true;
+                    rearm_wake |= !c.more();
+                }
+            }
+            // Commands first: a packet handled in this pass then already sees the latest SDP.
+            if woken {
+                self.wake.drain();
+                let cmds = std::mem::take(&mut *self.queue.lock());
+                for cmd in cmds {
+                    if !self.apply(cmd, now) {
+                        self.shutdown();
+                        return;
+                    }
+                }
+            }
+            if rearm_wake {
+                if let Some(ring) = self.uring.as_deref_mut() {
+                    ring.arm_poll(wake_fd, WAKE_TOKEN);
+                }
+            }
+            let mut received = 0usize;
+            for c in cqes.drain(..) {
+                match c.kind(WAKE_TOKEN) {
+                    Kind::Wake => {}
+                    Kind::Send(bid) => self.on_sent(bid, c.res),
+                    Kind::Recv(token) => {
+                        received += usize::from(c.buffer().is_some());
+                        self.on_received(token, &c, now);
+                    }
+                }
+            }
+            if now >= self.next_sweep_ns {
+                self.sweep(now);
+                self.next_sweep_ns = now + self.sweep_every_ns;
+            }
+            dense = !self.coalesce.is_zero() && received >= COALESCE_MIN_READY;
+        }
+    }
+
+    /// io_uring: one datagram (or the end of a socket's multishot receive). The same checks,
+    /// counters and forwarding rule as `on_readable`, one packet at a time.
+    fn on_received(&mut self, token: u64, c: &Cqe, now: u64) {
+        let Worker {
+            slab,
+            uring,
+            totals,
+            relatch_ns,
+            ..
+        } = self;
+        let Some(ring) = uring.as_deref_mut() else {
+            return;
+        };
+        let idx = (token & 0xffff_ffff) as usize;
+        let gen = (token >> 32) as u32;
+        let live = matches!(slab.get(idx), Some(s) if s.gen == gen && s.ep.is_some());
+        if live && !c.more() {
+            // The multishot receive ended: no provided buffer was left, an error (ICMP, ...),
+            // or the kernel's own limit. Arm it again, unless the socket cannot take it.
+            match -c.res {
+                libc::EINVAL
+                | libc::EBADF
+                | libc::ENOTSOCK
+                | libc::EOPNOTSUPP
+                | libc::ECANCELED => {
+                    tracing::error!(
+                        error = %std::io::Error::from_raw_os_error(-c.res),
+                        "io_uring receive refused; stream not relayed"
+                    );
+                }
+                _ => {
+                    if let Some(ep) = slab[idx].ep.as_ref() {
+                        ring.arm_recv(ep.fd, token);
+                    }
+                }
+            }
+        }
+        let Some(bid) = c.buffer() else {
+            if c.res < 0 && c.res != -libc::ENOBUFS {
+                tracing::trace!(error = %std::io::Error::from_raw_os_error(-c.res), "recvmsg");
+            }
+            return;
+        };
+        let Some(ep) = slab
+            .get_mut(idx)
+            .filter(|_| live)
+            .and_then(|s| s.ep.as_mut())
+        else {
+            // A packet for a socket removed since.
+            ring.recycle(bid);
+            return;
+        };
+        let rx = ring.received(bid, c.res);
+        let (verdict, rtp) = ep.inspect(
+            ring.payload(bid, rx.len),
+            rx.src,
+            rx.truncated,
+            now,
+            *relatch_ns,
+        );
+        let counters = &ep.counters;
+        match verdict {
+            Verdict::Accept => {}
+            Verdict::Foreign | Verdict::Invalid => {
+                let which = if matches!(verdict, Verdict::Foreign) {
+                    &counters.dropped_foreign
+                } else {
+                    &counters.dropped_invalid
+                };
+                bump(which, 1);
+                bump(&totals.dropped, 1);
+                ring.recycle(bid);
+                return;
+            }
+        }
+        if rtp {
+            counters.lost.store(ep.est.lost(), Relaxed);
+            counters.jitter_us.store(ep.est.jitter_us(), Relaxed);
+        }
+        let partner = ep.partner;
+        let target = slab
+            .get(partner as usize)
+            .and_then(|s| s.ep.as_ref())
+            .and_then(|p| p.dest.as_ref().map(|d| (p.fd, d)));
+        match target {
+            // Counted when the send completes (`on_sent`).
+            Some((fd, dest)) => {
+                if !ring.send(bid, rx.len, fd, dest, token) {
+                    if let Some(ep) = slab[idx].ep.as_ref() {
+                        bump(&ep.counters.send_errors, 1);
+                    }
+                    bump(&totals.dropped, 1);
+                    ring.recycle(bid);
+                }
+            }
+            None => {
+                if let Some(ep) = slab[idx].ep.as_ref() {
+                    bump(&ep.counters.dropped_no_peer, 1);
+                }
+                bump(&totals.dropped, 1);
+                ring.recycle(bid);
+            }
+        }
+    }
+
+    /// io_uring: a send finished; count it on the stream it came from, return its buffer.
+    fn on_sent(&mut self, bid: u16, res: i32) {
+        let Worker {
+            slab,
+            uring,
+            totals,
+            ..
+        } = self;
+        let Some(ring) = uring.as_deref_mut() else {
+            return;
+        };
+        let meta = ring.send_meta(bid);
+        ring.recycle(bid);
+        let idx = (meta.from & 0xffff_ffff) as usize;
+        let gen = (meta.from >> 32) as u32;
+        let ep = slab
+            .get(idx)
+            .filter(|s| s.gen == gen)
+            .and_then(|s| s.ep.as_ref());
+        if res >= 0 {
+            bump(&totals.packets, 1);
+            bump(&totals.bytes, u64::from(meta.len));
+            if let Some(ep) = ep {
+                bump(&ep.counters.packets, 1);
+                bump(&ep.counters.bytes, u64::from(meta.len));
+            }
+        } else {
+            tracing::trace!(error = %std::io::Error::from_raw_os_error(-res), "send");
+            bump(&totals.dropped, 1);
+            if let Some(ep) = ep {
+                bump(&ep.counters.send_errors, 1);
+            }
+        }
+    }
+
+    /// The epoll loop.
+    fn run_epoll(mut self) {
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS];
         if !self.coalesce.is_zero() {
             // The coalescing sleep should last what it says, not up to 50 us more.
@@ -436,16 +719,8 @@ impl Worker {
             let mut rtp_seen = false;
             for i in 0..n {
                 let (data, truncated) = batch.packet(i);
-                let Some(src) = batch.source(i) else {
-                    invalid += 1;
-                    continue;
-                };
-                if truncated || data.is_empty() {
-                    invalid += 1;
-                    continue;
-                }
-                let class = classify(data, ep.id.rtcp);
-                match ep.admit(src, class, now, relatch_ns) {
+                let (verdict, rtp) = ep.inspect(data, batch.source(i), truncated, now, relatch_ns);
+                match verdict {
                     Verdict::Accept => {}
                     Verdict::Foreign => {
                         foreign += 1;
@@ -456,11 +731,7 @@ impl Worker {
                         continue;
                     }
                 }
-                if let Class::Rtp { ssrc, seq, ts, pt } = class {
-                    let rate = ep.rate(pt);
-                    ep.est.on_packet(ssrc, seq, ts, now, rate);
-                    rtp_seen = true;
-                }
+                rtp_seen |= rtp;
                 bytes += data.len() as u64;
                 accepted[count] = i as u8;
                 count += 1;
@@ -591,10 +862,11 @@ impl Worker {
             self.free.push(idx);
             return Err(ne.release);
         };
-        if let Err(e) = self
-            .epoll
-            .add_edge(fd, (u64::from(gen) << 32) | u64::from(idx))
-        {
+        let token = (u64::from(gen) << 32) | u64::from(idx);
+        if let Some(ring) = self.uring.as_deref_mut() {
+            // A refusal arrives as the receive's completion (see on_received).
+            ring.arm_recv(fd, token);
+        } else if let Err(e) = self.epoll.add_edge(fd, token) {
             tracing::error!(error = %e, "epoll_ctl ADD failed; stream not relayed");
             self.free.push(idx);
             return Err(ne.release);
@@ -761,12 +1033,23 @@ impl Worker {
         // The joined call must stop pointing at sockets about to close.
         self.unjoin(call);
         let wc = self.calls.remove(&call)?;
+        if let Some(ring) = self.uring.as_deref_mut() {
+            // A receive in flight holds its socket open: stop them before the ports go back.
+            let fds: SmallVec<[RawFd; 8]> = wc
+                .endpoints
+                .iter()
+                .filter_map(|&(_, idx)| self.slab[idx as usize].ep.as_ref().map(|ep| ep.fd))
+                .collect();
+            ring.cancel_fds(&fds);
+        }
         let mut releases = Vec::new();
         for &(_, idx) in &wc.endpoints {
             let slot = &mut self.slab[idx as usize];
             if let Some(ep) = slot.ep.take() {
                 debug_assert_eq!(ep.call, call);
-                let _ = self.epoll.delete(ep.fd);
+                if self.uring.is_none() {
+                    let _ = self.epoll.delete(ep.fd);
+                }
                 releases.extend(ep.release);
                 drop(ep.socket);
                 slot.gen = slot.gen.wrapping_add(1);

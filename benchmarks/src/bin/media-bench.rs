@@ -138,6 +138,9 @@ enum Cmd {
         /// Relay's coalescing wait in microseconds (default: the relay's own default).
         #[arg(long)]
         coalesce_us: Option<u64>,
+        /// Relay's I/O backend: epoll or uring (default: the relay's own default).
+        #[arg(long)]
+        io: Option<String>,
         #[arg(long)]
         map_out: PathBuf,
         /// Exit after this long even if nobody kills the process.
@@ -250,6 +253,7 @@ fn main() -> anyhow::Result<()> {
             relay_ip,
             workers,
             coalesce_us,
+            io,
             map_out,
             max_seconds,
         } => media::relay_host(RelayHostOpts {
@@ -257,6 +261,7 @@ fn main() -> anyhow::Result<()> {
             relay_ip,
             workers,
             coalesce_us,
+            io,
             map_out,
             max_seconds,
         }),
