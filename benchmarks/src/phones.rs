@@ -306,6 +306,17 @@ struct Life {
     next: tokio::time::Instant,
 }
 
+impl Life {
+    /// Not registered yet; the first REGISTER goes out at once.
+    fn new() -> Life {
+        Life {
+            first: true,
+            registered: false,
+            next: tokio::time::Instant::now(),
+        }
+    }
+}
+
 /// Registers, refreshes until stopped, unregisters. Returns early (true) when a TLS
 /// connection broke, for the caller to reconnect.
 async fn phone_life<W: Wire>(
@@ -525,11 +536,7 @@ async fn run_async(o: PhonesOpts) -> anyhow::Result<PhonesReport> {
                 buf: vec![0u8; 8192],
             };
             tasks.spawn(async move {
-                let mut life = Life {
-                    first: true,
-                    registered: false,
-                    next: tokio::time::Instant::now(),
-                };
+                let mut life = Life::new();
                 phone_life(
                     &mut wire,
                     &mut phone,
@@ -546,11 +553,7 @@ async fn run_async(o: PhonesOpts) -> anyhow::Result<PhonesReport> {
                 bail!("TLS phones need --target-tls and --ca");
             };
             tasks.spawn(async move {
-                let mut life = Life {
-                    first: true,
-                    registered: false,
-                    next: tokio::time::Instant::now(),
-                };
+                let mut life = Life::new();
                 loop {
                     let connect = async {
                         let s = match target {

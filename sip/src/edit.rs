@@ -56,15 +56,9 @@ impl Edits {
 
     /// Inserts formatted text, without an intermediate String.
     pub fn insert_fmt(&mut self, at: usize, args: std::fmt::Arguments<'_>) {
-        let d0 = self.scratch.len();
         // Writing into a Vec cannot fail.
-        let _ = self.scratch.write_fmt(args);
-        let seq = self.ops.len() as u16;
-        self.ops.push(Op {
-            start: at as u32,
-            end: at as u32,
-            data: d0 as u32..self.scratch.len() as u32,
-            seq,
+        self.insert_with(at, |b| {
+            let _ = b.write_fmt(args);
         });
     }
 
