@@ -2341,9 +2341,9 @@ impl Proxy {
         // Max-Forwards.
         match (msg.header(HeaderName::MaxForwards), msg.max_forwards()) {
             (Some(h), Some(mf)) => {
-                let mut v: SmallVec<[u8; 4]> = SmallVec::new();
-                push_dec(&mut v, mf.saturating_sub(1).into());
-                e.replace(h.value.range(), &v);
+                let mut v = [0u8; 10];
+                let len = edit::write_decimal(&mut v, mf.saturating_sub(1).into());
+                e.replace(h.value.range(), &v[..len]);
             }
             _ => e.insert(msg.headers_end(), b"Max-Forwards: 70\r\n"),
         }
@@ -2957,19 +2957,10 @@ impl std::fmt::Write for AsFmt<'_> {
 
 /// Hash of the fields RFC 3261 16.6 step 8 names for loop detection.
 /// Appends `n` in decimal (the hot path's ports and Max-Forwards, without `fmt`).
-fn push_dec<B: Extend<u8>>(b: &mut B, n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    let mut n = n;
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    b.extend(digits[i..].iter().copied());
+fn push_dec(b: &mut Vec<u8>, n: u32) {
+    let mut digits = [0u8; 10];
+    let len = edit::write_decimal(&mut digits, n);
+    b.extend_from_slice(&digits[..len]);
 }
 
 /// Appends `n` in lowercase hex, zero-padded to at least `width` digits (like `{:0width$x}`).
@@ -3246,9 +3237,11 @@ mod number_tests {
     #[test]
     fn decimal_and_hex_match_fmt() {
         for n in [0u64, 1, 9, 10, 69, 70, 5060, 65535, u64::MAX] {
-            let mut b = Vec::new();
-            push_dec(&mut b, n);
-            assert_eq!(b, n.to_string().into_bytes());
+            if let Ok(small) = u32::try_from(n) {
+                let mut b = Vec::new();
+                push_dec(&mut b, small);
+                assert_eq!(b, n.to_string().into_bytes());
+            }
             for w in [1usize, 8] {
                 let mut h = Vec::new();
                 push_hex(&mut h, n, w);

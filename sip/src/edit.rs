@@ -196,8 +196,9 @@ pub fn stamp_via(msg: &Message, via: &Via<'_>, src_ip: IpAddr, src_port: u16, ed
 }
 
 /// Writes `v` in decimal at the start of `out` (which must have room: 10 bytes for any u32,
-/// fewer for the ports and octets passed here); returns the length.
-fn write_decimal(out: &mut [u8], mut v: u32) -> usize {
+/// fewer for the ports and octets passed here); returns the length. Public for the proxy's
+/// forwarding path, which writes its ports and Max-Forwards without `fmt`.
+pub fn write_decimal(out: &mut [u8], mut v: u32) -> usize {
     let mut digits = [0u8; 10];
     let mut n = 0;
     loop {
