@@ -40,8 +40,8 @@ use std::path::Path;
 pub use error::ConfigError;
 pub use types::{
     fill_template, Admin, Advertise, Config, Failback, General, HttpUrl, Limits, Listener, Media,
-    MediaSide, Node, Phones, Pool, Probe, Rate, RateLimit, Side, Timers, Transport, Trunk, Webhook,
-    WebhookEvent, DEFAULT_SCANNER_AGENTS, TEMPLATE_PLACEHOLDERS,
+    MediaIo, MediaSide, Node, Phones, Pool, Probe, Rate, RateLimit, Side, Timers, Transport, Trunk,
+    Webhook, WebhookEvent, DEFAULT_SCANNER_AGENTS, TEMPLATE_PLACEHOLDERS,
 };
 
 /// Reads and validates the configuration file at `path`.

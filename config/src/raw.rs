@@ -182,6 +182,7 @@ pub(crate) struct RawMedia {
     pub unsaveable_timeout_secs: Option<Int>,
     pub relatch_quiet_ms: Option<Int>,
     pub workers: Option<Int>,
+    pub io: Option<Text>,
     pub public: Option<RawMediaSide>,
     pub internal: Option<RawMediaSide>,
 }

@@ -908,6 +908,21 @@ pub struct Media {
     pub relatch_quiet: Duration,
     /// Forwarding threads; 0 means one per core. Default 0.
     pub workers: usize,
+    /// How the forwarding threads talk to the kernel.
+    pub io: MediaIo,
+}
+
+/// The relay's I/O interface. Both forward the same packets through the same kernel
+/// UDP path; they differ in system calls per packet, which is most of the relay's own CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MediaIo {
+    /// epoll + recvmmsg/sendmmsg: works on every kernel and under any seccomp profile.
+    Epoll,
+    /// io_uring (Linux 6.0+): multishot receives and batched sends, ~0.05 system calls per
+    /// packet instead of ~2. Falls back to epoll, with a warning, where the kernel refuses
+    /// a ring (too old, io_uring disabled, a container's seccomp filter).
+    #[default]
+    Uring,
 }
 
 /// One side of the relay.

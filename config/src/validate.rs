@@ -22,8 +22,8 @@ use crate::raw::{
 };
 use crate::types::{
     next_placeholder, Admin, Advertise, Config, Failback, General, HttpUrl, Limits, Listener,
-    Media, MediaSide, Node, Phones, Pool, Probe, Rate, RateLimit, Side, Timers, Transport, Trunk,
-    Webhook, WebhookEvent, TEMPLATE_PLACEHOLDERS,
+    Media, MediaIo, MediaSide, Node, Phones, Pool, Probe, Rate, RateLimit, Side, Timers, Transport,
+    Trunk, Webhook, WebhookEvent, TEMPLATE_PLACEHOLDERS,
 };
 
 /// Minimum length of `general.secret` and `admin.token`: shorter keys are
@@ -1248,6 +1248,7 @@ impl Ctx<'_> {
             "milliseconds",
         )?);
         let workers = self.int(raw.workers.as_ref(), "media.workers", 0..=256, 0, "")?;
+        let io = self.media_io(raw.io.as_ref())?;
         let public = self.media_side(raw.public.as_ref(), "public", listen, Side::faces_public)?;
         let internal = self.media_side(
             raw.internal.as_ref(),
@@ -1266,7 +1267,25 @@ impl Ctx<'_> {
             unsaveable_timeout,
             relatch_quiet,
             workers: usize::try_from(workers).unwrap_or(0),
+            io,
         })
+    }
+
+    fn media_io(&self, value: Option<&Text>) -> Result<MediaIo, ConfigError> {
+        let Some(value) = value else {
+            return Ok(MediaIo::default());
+        };
+        match value.get_ref().to_ascii_lowercase().as_str() {
+            "epoll" => Ok(MediaIo::Epoll),
+            "uring" | "io_uring" => Ok(MediaIo::Uring),
+            other => Err(self.at(
+                value.span(),
+                "media.io",
+                format!(
+                    "\"{other}\" is not a media I/O interface; expected \"uring\" or \"epoll\""
+                ),
+            )),
+        }
     }
 
     /// A side's addresses: as configured, or those of the first SIP listener serving that side

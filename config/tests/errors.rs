@@ -805,6 +805,26 @@ fn media_wildcard_listener_lends_its_advertised_address() {
 }
 
 #[test]
+fn media_io_interface_is_chosen_or_named_wrong() {
+    use sbc_config::MediaIo;
+    assert_eq!(ok(BASE).media.io, MediaIo::Uring);
+    assert_eq!(
+        ok(&with("[media]\nio = \"epoll\"\n")).media.io,
+        MediaIo::Epoll
+    );
+    assert_eq!(
+        ok(&with("[media]\nio = \"io_uring\"\n")).media.io,
+        MediaIo::Uring
+    );
+    err_at(
+        &with("[media]\nio = \"poll\"\n"),
+        "io = \"poll\"",
+        "media.io",
+        "expected \"uring\" or \"epoll\"",
+    );
+}
+
+#[test]
 fn media_sides_and_ranges_are_checked() {
     let c = ok(&with(
         "[media]\nport_min = 40000\nport_max = 40001\n[media.public]\naddress = \"::1\"\nadvertise = \"[2001:db8::5]\"\n",

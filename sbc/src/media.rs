@@ -794,6 +794,10 @@ pub fn relay_config(m: &sbc_config::Media) -> sbc_media_relay::RelayConfig {
     };
     let mut c = RelayConfig::new(side(&m.public), side(&m.internal));
     c.workers = m.workers;
+    c.io = match m.io {
+        sbc_config::MediaIo::Epoll => sbc_media_relay::IoBackend::Epoll,
+        sbc_config::MediaIo::Uring => sbc_media_relay::IoBackend::Uring,
+    };
     c.timeout = m.timeout;
     c.hold_timeout = m.hold_timeout;
     c.relatch_after = m.relatch_quiet;

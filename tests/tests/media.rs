@@ -157,7 +157,9 @@ async fn phone_to_trunk_call_relays_rtp_and_hides_the_phone() {
     assert_eq!(to_alice, 100, "trunk -> alice");
     // The two passes are a hairpin the relay joined: each packet crossed it once, from one
     // pass's public socket straight out of the other's (the relay's own count agrees).
-    let totals = media.relay().totals();
+    // The io_uring relay counts a packet when the kernel reports its send done, which may
+    // come a moment after the packet itself arrived.
+    let totals = settled_totals(media.relay(), 200).await;
     assert_eq!(totals.packets, 200, "{totals:?}");
     assert_eq!(media.dialogs(), 2, "both passes established");
 
@@ -288,4 +290,20 @@ async fn exhausted_port_range_answers_503_and_recovers() {
         call_trunk(&lab, &alice, "sip:95551111@pbx.test", InviteOpts::default()).await;
     assert_eq!(call.final_status, 200, "third call");
     lab.sbc.shutdown();
+}
+
+/// The relay's totals once its packet count reaches `packets` (or after 2 s, for the caller's
+/// assertion to report): counters follow the kernel's send completions.
+async fn settled_totals(
+    relay: &sbc_media_relay::Relay,
+    packets: u64,
+) -> sbc_media_relay::RelayTotals {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let t = relay.totals();
+        if t.packets >= packets || tokio::time::Instant::now() >= deadline {
+            return t;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

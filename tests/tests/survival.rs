@@ -388,6 +388,11 @@ async fn bridged_call_outlives_the_b2bua() {
     // The relay joined the two legs: each packet crosses it once.
     let before = media.relay().totals().packets;
     rtp_both_ways(&alice, at_alice, &trunk, at_trunk, 50, "before the kill").await;
+    // Counted on the kernel's send completions (io_uring): give the last ones a moment.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while media.relay().totals().packets - before < 100 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(
         media.relay().totals().packets - before,
         100,
