@@ -124,6 +124,10 @@ def main():
            f"| RSS range in steady window KiB | {peak('rss_kib')} |",
            f"| RSS trend in steady window | {slope:+.0f} KiB/hour |" if slope is not None else "| RSS trend | - |",
            f"| VmHWM at the end KiB | {rows[-1]['hwm_kib']:.0f} |",
+           (f"| transparent huge pages (AnonHugePages) after warm-up / end of load KiB | "
+            f"{warm['anon_huge_kib']:.0f} / {end_load['anon_huge_kib']:.0f} |")
+           if warm.get("anon_huge_kib") is not None and end_load.get("anon_huge_kib") is not None
+           else "| transparent huge pages | - |",
            f"| SBC CPU in steady window | {cpu:.1f}% of a core |" if cpu is not None else "| CPU | - |",
            f"| fds in steady window | {peak('fds')} |",
            f"| threads | {peak('threads')} |"]

@@ -45,6 +45,19 @@ def proc_status(pid):
     return out
 
 
+def anon_huge_kib(pid):
+    """Resident transparent huge pages (smaps_rollup), to tell khugepaged's collapses from
+    growth of the SBC's own memory."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def cpu_seconds(pid):
     with open(f"/proc/{pid}/stat") as f:
         s = f.read()
@@ -89,7 +102,7 @@ def main():
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     cols = (["t", "elapsed_s", "rss_kib", "hwm_kib", "fds", "threads", "cpu_s"]
-            + ["status_" + s for s in STATUS] + GAUGES + ["active"])
+            + ["status_" + s for s in STATUS] + GAUGES + ["active", "anon_huge_kib"])
     t0 = time.time()
     next_at = t0
     with open(a.csv, "w", newline="") as f:
@@ -103,7 +116,8 @@ def main():
                 row.update(rss_kib=st.get("VmRSS"), hwm_kib=st.get("VmHWM"),
                            threads=st.get("Threads"),
                            fds=len(os.listdir(f"/proc/{a.pid}/fd")),
-                           cpu_s=f"{cpu_seconds(a.pid):.2f}")
+                           cpu_s=f"{cpu_seconds(a.pid):.2f}",
+                           anon_huge_kib=anon_huge_kib(a.pid))
             except (FileNotFoundError, ProcessLookupError):
                 print("process gone", file=sys.stderr)
                 break

@@ -16,6 +16,7 @@
 pub mod admin;
 pub mod flow_token;
 pub mod media;
+pub mod memory;
 pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;

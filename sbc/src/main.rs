@@ -131,6 +131,11 @@ fn main() -> anyhow::Result<()> {
         },
         Cmd::Run { config } => {
             init_tracing("info");
+            if !sbc::memory::disable_transparent_huge_pages() {
+                tracing::warn!(
+                    "could not turn transparent huge pages off; RSS may grow in 2 MiB steps"
+                );
+            }
             let cfg = sbc_config::load(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
