@@ -49,6 +49,13 @@ impl TimerWheel {
         self.instant_of(self.tick_of(at))
     }
 
+    /// The deadline rounded up to a multiple of `ticks` ticks: deadlines that may be late
+    /// share fewer slots, so the owner wakes less often for them.
+    pub fn round_coarse(&self, at: Instant, ticks: u64) -> Instant {
+        let ticks = ticks.max(1);
+        self.instant_of(self.tick_of(at).div_ceil(ticks) * ticks)
+    }
+
     pub fn insert(&mut self, at: Instant, id: u64) {
         let t = self.tick_of(at).max(self.cursor);
         let n = self.slots.len() as u64;
@@ -144,6 +151,19 @@ mod tests {
         assert_eq!(out, vec![3]);
         assert!(w.is_empty());
         assert_eq!(w.next_deadline(), None);
+    }
+
+    #[test]
+    fn coarse_rounding_never_fires_early_and_shares_slots() {
+        let t0 = Instant::now();
+        let w = TimerWheel::new(t0, Duration::from_millis(20), 64);
+        let ms = |n| t0 + Duration::from_millis(n);
+        assert_eq!(w.round_coarse(ms(1), 10), ms(200));
+        assert_eq!(w.round_coarse(ms(199), 10), ms(200));
+        assert_eq!(w.round_coarse(ms(200), 10), ms(200));
+        assert_eq!(w.round_coarse(ms(201), 10), ms(400));
+        assert_eq!(w.round_coarse(ms(30), 1), w.round(ms(30)));
+        assert_eq!(w.round_coarse(ms(30), 0), ms(40));
     }
 
     #[test]
