@@ -256,11 +256,22 @@ const DEAD_HOP_TTL: Duration = Duration::from_secs(30);
 /// Branch prefix of requests the SBC originates, so their responses are not stray.
 const LOCAL_BRANCH: &[u8] = b"z9hG4bK-sbcl-";
 
-/// Granularity of transaction timers: SIP timers (T1 = 500 ms) tolerate a few milliseconds of
-/// lateness, and coalescing bounds the timer task's wake-ups (each a context switch).
-const TIMER_TICK: Duration = Duration::from_millis(5);
+/// Granularity of transaction timers: SIP timers (T1 = 500 ms) tolerate tens of milliseconds
+/// of lateness (Kamailio's tm ticks at 1/16 s), and coalescing bounds the timer task's
+/// wake-ups: each is a context switch costing tens of microseconds on a VM, and while
+/// transactions are pending the task wakes on every tick.
+const TIMER_TICK: Duration = Duration::from_millis(20);
 /// One revolution of the wheel covers 64 x T1 with the default T1 (Timers B, F, H, J, L, M).
-const TIMER_SLOTS: usize = 8192;
+const TIMER_SLOTS: usize = 2048;
+/// Granularity of a lingering transaction's deadlines, in ticks. What is left then is only
+/// the end of absorbing retransmissions (Timers J and K), which may come a little late:
+/// thousands of lingering transactions then come due in a few wake-ups a second instead of
+/// one per tick. An INVITE server still retransmitting its final response (Timer G) keeps
+/// the fine tick.
+const LINGER_TICKS: u64 = 10;
+/// Only deadlines at least this far ahead are rounded coarsely, so the lateness stays a
+/// small share of the wait (short timers, as in tests with a tiny T1, keep the fine tick).
+const LINGER_COARSE_AHEAD: Duration = Duration::from_secs(1);
 /// Initial capacity of the transaction tables.
 const INITIAL_TXS: usize = 16 * 1024;
 
@@ -1364,6 +1375,12 @@ impl Proxy {
         }
         let next = min_opt(l.server.poll_timeout(), l.client.as_ref().map(|c| c.1));
         if let Some(at) = next {
+            let retransmits = l.server.is_invite() && l.server.state() == State::Completed;
+            let at = if retransmits || at < now + LINGER_COARSE_AHEAD {
+                at
+            } else {
+                wheel.round_coarse(at, LINGER_TICKS)
+            };
             self.schedule(wheel, timer_sleep, &mut l.scheduled, at, id, now);
         }
     }
