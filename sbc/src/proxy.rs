@@ -1961,7 +1961,7 @@ impl Proxy {
         let mut i = 0;
         while i < parsed.len() {
             let na = &parsed[i];
-            if self.is_local_uri(na.uri_raw) {
+            if self.is_local(&na.uri) {
                 if let Some(user) = na.uri.user {
                     if let Some(f) = self.tokens.decode(user) {
                         token = Some(f);
@@ -1974,12 +1974,12 @@ impl Proxy {
                 if let Some(n) = self.dead_hop(&routes, &na.uri, assume_down) {
                     let mut j = i + 1;
                     while j < parsed.len()
-                        && !self.is_local_uri(parsed[j].uri_raw)
+                        && !self.is_local(&parsed[j].uri)
                         && self.dead_hop(&routes, &parsed[j].uri, Some(n)) == Some(n)
                     {
                         j += 1;
                     }
-                    if j < parsed.len() && self.is_local_uri(parsed[j].uri_raw) {
+                    if j < parsed.len() && self.is_local(&parsed[j].uri) {
                         // The not-open-relay rule still holds for the original sender.
                         if source == Source::Public && !self.registrations.has_flow(&inb.flow) {
                             metrics::counter!("sbc_rejected_total", "reason" => "unknown_source")
@@ -2039,7 +2039,7 @@ impl Proxy {
         let Some(ruri) = msg.uri() else {
             return Target::Local(400, "Bad Request");
         };
-        let to_local = self.is_local_uri(msg.uri_bytes());
+        let to_local = self.is_local(&ruri);
         if to_local && ruri.user.is_none() && ruri.param(b"sbcc").is_none() {
             // Addressed to the SBC itself: answer keep-alive OPTIONS, refuse the rest.
             return match method {
@@ -2224,9 +2224,11 @@ impl Proxy {
 
     /// Whether a URI names this SBC (one of its listeners, by IP or advertised host).
     fn is_local_uri(&self, raw: &[u8]) -> bool {
-        let Ok(uri) = Uri::parse(raw) else {
-            return false;
-        };
+        Uri::parse(raw).is_ok_and(|uri| self.is_local(&uri))
+    }
+
+    /// [`Proxy::is_local_uri`] for a URI the caller has parsed already.
+    fn is_local(&self, uri: &Uri<'_>) -> bool {
         if !uri.is_sip() {
             return false;
         }
@@ -2390,7 +2392,7 @@ impl Proxy {
                 break;
             }
             let Ok(na) = NameAddr::parse(v) else { break };
-            if !self.is_local_uri(na.uri_raw) {
+            if !self.is_local(&na.uri) {
                 break;
             }
             e.delete(edit::remove_value_range(msg, h, v));

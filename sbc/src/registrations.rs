@@ -171,7 +171,7 @@ pub struct ShadowJob {
 }
 
 /// A Contact of a registrar's 2xx: the value (a slice of the message), parsed, and its key.
-type Echoed<'a> = (&'a [u8], NameAddr<'a>, Box<[u8]>);
+type Echoed<'a> = (&'a [u8], NameAddr<'a>, ContactKey);
 
 /// Registration bindings; read on every request from a phone, written on REGISTER answers.
 #[derive(Default)]
@@ -180,14 +180,18 @@ pub struct Registrations {
 }
 
 /// A contact URI reduced to what identifies where it points: user@host:port, lowercased host.
-fn contact_key(uri: &Uri<'_>) -> Box<[u8]> {
-    let mut k = Vec::with_capacity(64);
+/// A binding's key (user, host, port), built on the stack: every REGISTER builds two (its
+/// own contact and the 2xx's echo) and only a new binding needs it on the heap.
+type ContactKey = SmallVec<[u8; 64]>;
+
+fn contact_key(uri: &Uri<'_>) -> ContactKey {
+    let mut k = ContactKey::new();
     k.extend_from_slice(uri.user.unwrap_or_default());
     k.push(b'@');
     k.extend(uri.host.iter().map(|b| b.to_ascii_lowercase()));
     k.push(b':');
     k.extend_from_slice(&uri.port_or_default().to_be_bytes());
-    k.into_boxed_slice()
+    k
 }
 
 fn aor_of(msg: &Message) -> Option<Box<str>> {
@@ -297,7 +301,7 @@ impl Registrations {
         // Most REGISTERs that reach here are refreshes that will be answered; the checks
         // still only read, so a plain reader (has_flow, on every phone request) never waits.
         let inner = self.inner.upgradable_read();
-        let Some(b) = inner.bindings.get(&key) else {
+        let Some(b) = inner.bindings.get(&key[..]) else {
             return Err(ForwardReason::New);
         };
         if b.flow != *flow || *b.contact.as_bytes() != *na.uri_raw || *b.call_id != *req.call_id() {
@@ -318,7 +322,7 @@ impl Registrations {
             return Err(ForwardReason::Expiring);
         }
         let mut inner = parking_lot::RwLockUpgradableReadGuard::upgrade(inner);
-        let Some(b) = inner.bindings.get_mut(&key) else {
+        let Some(b) = inner.bindings.get_mut(&key[..]) else {
             return Err(ForwardReason::New);
         };
         b.cseq = req.cseq();
@@ -426,7 +430,7 @@ impl Registrations {
                 None => requested,
             };
             if exp == 0 {
-                if inner.bindings.remove(&key).is_some() {
+                if inner.bindings.remove(&key[..]).is_some() {
                     if let Some(e) = inner.by_flow.get_mut(&flow) {
                         e.contacts.retain(|c| **c != *key);
                         if e.contacts.is_empty() {
@@ -447,7 +451,7 @@ impl Registrations {
             let phone_until = now + Duration::from_secs(phone);
             // A refresh of a binding in the same place (the common case): updated in place,
             // no allocation.
-            if let Some(b) = inner.bindings.get_mut(&key) {
+            if let Some(b) = inner.bindings.get_mut(&key[..]) {
                 if b.flow == flow && *b.contact.as_bytes() == *na.uri_raw {
                     b.pbx_until = pbx_until;
                     b.phone_until = phone_until;
@@ -473,6 +477,7 @@ impl Registrations {
                     continue;
                 }
             }
+            let key: Box<[u8]> = Box::from(&key[..]);
             let old = inner.bindings.insert(
                 key.clone(),
                 Binding {
@@ -561,7 +566,7 @@ impl Registrations {
         self.inner
             .read()
             .bindings
-            .get(&key)
+            .get(&key[..])
             .filter(|b| b.phone_until > now)
             .map(|b| b.flow)
     }
