@@ -6,6 +6,7 @@
 #
 #   benchmarks/ab-proxy.sh OLD_BIN_DIR NEW_BIN_DIR              # 4,000 REGISTER/s, 2 rounds
 #   SCEN=call RATE=2000 benchmarks/ab-proxy.sh OLD_BIN_DIR NEW_BIN_DIR
+#   TAIL_S=35 benchmarks/ab-proxy.sh OLD_BIN_DIR NEW_BIN_DIR    # also CPU incl. the clean-up
 #
 # A BIN_DIR holds sbc, sbc-uas and sbc-loadgen (e.g. target/release, or the bin/ of a
 # benchmark result). Config: benchmarks/sbc-bench.toml with ports moved to PORT_BASE.. and an
@@ -18,6 +19,7 @@ SCEN=${SCEN:-register}
 RATE=${RATE:-4000}
 DURATION=${DURATION:-10}
 ROUNDS=${ROUNDS:-2}
+TAIL_S=${TAIL_S:-0}
 PORT_BASE=${PORT_BASE:-27060}
 SIP_PORT=$PORT_BASE
 UAS_PORT=$((PORT_BASE + 10))
@@ -34,16 +36,17 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -f
 trap cleanup EXIT
 
 one() {
-  local bin=$1 label=$2 lg sbc uas f0 f1 rss tx ok cpu
+  local bin=$1 label=$2 lg sbc uas f0 f1 rss tx ok cpu c0 c1 tail=""
   lg=$(mktemp)
   taskset -c 0 "$bin/sbc-uas" --listen "127.0.0.2:$UAS_PORT" --listen "127.0.0.3:$UAS_PORT" \
-    --duration $((DURATION + 30)) 2>/dev/null &
+    --duration $((DURATION + 30 + TAIL_S)) 2>/dev/null &
   uas=$!
   taskset -c 1 "$bin/sbc" run --config "$CFG" >/dev/null 2>&1 &
   sbc=$!
   pids=("$uas" "$sbc")
   sleep 1
   f0=$(awk '{print $10}' "/proc/$sbc/stat")
+  c0=$(awk '{print $14 + $15}' "/proc/$sbc/stat")
   taskset -c 0 "$bin/sbc-loadgen" --scenario "$SCEN" --rate "$RATE" --duration "$DURATION" \
     --target "127.0.0.1:$SIP_PORT" --local "$SRC:0" --pid "$sbc" >"$lg" 2>&1
   f1=$(awk '{print $10}' "/proc/$sbc/stat")
@@ -52,7 +55,14 @@ one() {
     python3 -c "import json,sys; print(json.load(sys.stdin).get('transactions'))" 2>/dev/null || echo -)
   ok=$(grep -o "succeeded [0-9]*" "$lg" | awk '{print $2}')
   cpu=$(grep -o "cpu [0-9.]* s, [0-9.]* us/op" "$lg" | tail -1)
-  echo "$label $SCEN rate=$RATE ok=$ok $cpu minflt/op=$(python3 -c "print(round(($f1-$f0)/max($ok,1),3))") rss_kib=$rss transactions=$tx load=$(cut -d' ' -f1 /proc/loadavg)"
+  if [ "$TAIL_S" -gt 0 ]; then
+    # CPU from before the load to TAIL_S after it: the operations' clean-up included
+    # (clock ticks of 10 ms).
+    sleep "$TAIL_S"
+    c1=$(awk '{print $14 + $15}' "/proc/$sbc/stat")
+    tail=" incl_tail_us/op=$(python3 -c "print(round(($c1-$c0)*1e6/$(getconf CLK_TCK)/max($ok,1),1))")"
+  fi
+  echo "$label $SCEN rate=$RATE ok=$ok $cpu minflt/op=$(python3 -c "print(round(($f1-$f0)/max($ok,1),3))") rss_kib=$rss transactions=$tx$tail load=$(cut -d' ' -f1 /proc/loadavg)"
   kill "$sbc" "$uas" 2>/dev/null || true
   wait "$sbc" "$uas" 2>/dev/null || true
   rm -f "$lg"
