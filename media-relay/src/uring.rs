@@ -282,7 +282,11 @@ impl Ring {
         if *self.fixed.get(slot)? {
             return Some(slot as u32);
         }
-        match self.ring.submitter().register_files_update(slot as u32, &[fd]) {
+        match self
+            .ring
+            .submitter()
+            .register_files_update(slot as u32, &[fd])
+        {
             Ok(_) => {
                 self.fixed[slot] = true;
                 Some(slot as u32)
