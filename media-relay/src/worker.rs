@@ -483,8 +483,7 @@ impl Worker {
         let Some(ring) = uring.as_deref_mut() else {
             return;
         };
-        let idx = (token & 0xffff_ffff) as usize;
-        let gen = (token >> 32) as u32;
+        let (idx, gen) = split_token(token);
         let live = matches!(slab.get(idx), Some(s) if s.gen == gen && s.ep.is_some());
         if live && !c.more() {
             // The multishot receive ended: no provided buffer was left, an error (ICMP, ...),
@@ -588,8 +587,7 @@ impl Worker {
         };
         let meta = ring.send_meta(bid);
         ring.recycle(bid);
-        let idx = (meta.from & 0xffff_ffff) as usize;
-        let gen = (meta.from >> 32) as u32;
+        let (idx, gen) = split_token(meta.from);
         let ep = slab
             .get(idx)
             .filter(|s| s.gen == gen)
@@ -685,8 +683,7 @@ impl Worker {
     /// The hot path: drain one socket, latch, count, forward in one sendmmsg per batch.
     /// Returns true when the socket may still hold packets (it gets no new edge for those).
     fn on_readable(&mut self, token: u64, now: u64) -> bool {
-        let idx = (token & 0xffff_ffff) as usize;
-        let gen = (token >> 32) as u32;
+        let (idx, gen) = split_token(token);
         let Worker {
             slab,
             batch,
@@ -862,7 +859,7 @@ impl Worker {
             self.free.push(idx);
             return Err(ne.release);
         };
-        let token = (u64::from(gen) << 32) | u64::from(idx);
+        let token = slot_token(idx, gen);
         if let Some(ring) = self.uring.as_deref_mut() {
             // A refusal arrives as the receive's completion (see on_received).
             ring.arm_recv(fd, token);
@@ -1096,4 +1093,15 @@ impl Worker {
             self.remove_call(uid);
         }
     }
+}
+
+/// A socket's token: its slab index and the slot's generation, so that a completion or event
+/// for a socket removed since (whose slot was reused) is recognised as stale.
+fn slot_token(idx: u32, gen: u32) -> u64 {
+    (u64::from(gen) << 32) | u64::from(idx)
+}
+
+/// The slab index and generation of a [`slot_token`].
+fn split_token(token: u64) -> (usize, u32) {
+    ((token & 0xffff_ffff) as usize, (token >> 32) as u32)
 }
