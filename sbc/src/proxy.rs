@@ -255,6 +255,8 @@ const DEAD_HOP_TTL: Duration = Duration::from_secs(30);
 
 /// Branch prefix of requests the SBC originates, so their responses are not stray.
 const LOCAL_BRANCH: &[u8] = b"z9hG4bK-sbcl-";
+/// Branch prefix of the Via the SBC adds to requests it forwards (loop detection finds it).
+const OUR_BRANCH: &[u8] = b"z9hG4bK-sbc-";
 
 /// Granularity of transaction timers: SIP timers (T1 = 500 ms) tolerate tens of milliseconds
 /// of lateness (Kamailio's tm ticks at 1/16 s), and coalescing bounds the timer task's
@@ -2250,14 +2252,13 @@ impl Proxy {
     /// Most requests carry no Via of ours at all, so the hash is computed only for those that
     /// do (a spiral through the PBX, or a real loop).
     fn is_loop(&self, msg: &Message) -> bool {
-        const MARK: &[u8] = b"z9hG4bK-sbc-";
         let mut hash: Option<[u8; 8]> = None;
         msg.values(HeaderName::Via).any(|(_, v)| {
             if OUR_BRANCH_MARK.find(v).is_none() {
                 return false;
             }
             sbc_sip::via::Via::parse(v).is_ok_and(|via| {
-                let Some(rest) = via.branch.and_then(|b| b.strip_prefix(MARK)) else {
+                let Some(rest) = via.branch.and_then(|b| b.strip_prefix(OUR_BRANCH)) else {
                     return false;
                 };
                 if !self
@@ -2317,7 +2318,7 @@ impl Proxy {
         let hash = loop_hash(msg);
         let n: u64 = rand::random();
         let mut branch: Vec<u8> = Vec::with_capacity(40);
-        branch.extend_from_slice(b"z9hG4bK-sbc-");
+        branch.extend_from_slice(OUR_BRANCH);
         push_hex(&mut branch, u64::from(hash), 8);
         branch.push(b'-');
         push_hex(&mut branch, n, 1);
@@ -2974,7 +2975,6 @@ impl std::fmt::Write for AsFmt<'_> {
     }
 }
 
-/// Hash of the fields RFC 3261 16.6 step 8 names for loop detection.
 /// Appends `n` in decimal (the hot path's ports and Max-Forwards, without `fmt`).
 fn push_dec(b: &mut Vec<u8>, n: u32) {
     let mut digits = [0u8; 10];
@@ -2996,10 +2996,11 @@ fn push_hex(b: &mut Vec<u8>, n: u64, width: usize) {
 
 /// Finders built once: `memmem::find` builds its searcher on every call.
 static OUR_BRANCH_MARK: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
-    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"z9hG4bK-sbc-"));
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(OUR_BRANCH));
 static ALIAS_MARK: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
     std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"sbcc="));
 
+/// Hash of the fields RFC 3261 16.6 step 8 names for loop detection.
 fn loop_hash(msg: &Message) -> u32 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = ahash::RandomState::with_seeds(1, 2, 3, 4).build_hasher();

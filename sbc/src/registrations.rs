@@ -179,11 +179,11 @@ pub struct Registrations {
     inner: RwLock<Inner>,
 }
 
-/// A contact URI reduced to what identifies where it points: user@host:port, lowercased host.
-/// A binding's key (user, host, port), built on the stack: every REGISTER builds two (its
-/// own contact and the 2xx's echo) and only a new binding needs it on the heap.
+/// A binding's key, built on the stack: every REGISTER builds two (its own contact and the
+/// 2xx's echo) and only a new binding needs it on the heap.
 type ContactKey = SmallVec<[u8; 64]>;
 
+/// A contact URI reduced to what identifies where it points: user@host:port, lowercased host.
 fn contact_key(uri: &Uri<'_>) -> ContactKey {
     let mut k = ContactKey::new();
     k.extend_from_slice(uri.user.unwrap_or_default());
