@@ -67,6 +67,26 @@ impl TimerWheel {
         self.len += 1;
     }
 
+    /// Takes back the entry `insert(at, id)` filed, when it is still within one revolution:
+    /// an owner whose deadline moved later skips the wasted wake-up and the stale fire. An
+    /// entry beyond the revolution stays, and its owner ignores it when it comes due.
+    pub fn cancel(&mut self, at: Instant, id: u64) -> bool {
+        let t = self.tick_of(at);
+        let n = self.slots.len() as u64;
+        if t < self.cursor || t - self.cursor >= n {
+            return false;
+        }
+        let slot = &mut self.slots[(t % n) as usize];
+        match slot.iter().rposition(|&x| x == id) {
+            Some(i) => {
+                slot.swap_remove(i);
+                self.len -= 1;
+                true
+            }
+            None => false,
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -151,6 +171,29 @@ mod tests {
         assert_eq!(out, vec![3]);
         assert!(w.is_empty());
         assert_eq!(w.next_deadline(), None);
+    }
+
+    #[test]
+    fn cancel_takes_back_an_entry_within_the_revolution_only() {
+        let t0 = Instant::now();
+        let mut w = TimerWheel::new(t0, Duration::from_millis(5), 16);
+        let soon = t0 + Duration::from_millis(12);
+        let far = t0 + Duration::from_secs(10);
+        w.insert(soon, 1);
+        w.insert(soon, 2);
+        w.insert(far, 3);
+        assert!(w.cancel(soon, 1));
+        assert!(!w.cancel(soon, 1), "already gone");
+        assert!(
+            !w.cancel(far, 3),
+            "beyond the revolution: left for the owner to ignore"
+        );
+        let mut out = Vec::new();
+        w.expire(t0 + Duration::from_millis(15), &mut out);
+        assert_eq!(out, vec![2]);
+        w.expire(far, &mut out);
+        assert_eq!(out, vec![2, 3]);
+        assert!(w.is_empty());
     }
 
     #[test]
