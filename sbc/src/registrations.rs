@@ -188,7 +188,10 @@ fn contact_key(uri: &Uri<'_>) -> ContactKey {
     let mut k = ContactKey::new();
     k.extend_from_slice(uri.user.unwrap_or_default());
     k.push(b'@');
-    k.extend(uri.host.iter().map(|b| b.to_ascii_lowercase()));
+    // Copied, then lowercased in place: a byte-wise mapped extend checks capacity per byte.
+    let host = k.len();
+    k.extend_from_slice(uri.host);
+    k[host..].make_ascii_lowercase();
     k.push(b':');
     k.extend_from_slice(&uri.port_or_default().to_be_bytes());
     k

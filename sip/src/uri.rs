@@ -146,7 +146,8 @@ impl<'a> Uri<'a> {
 
     /// Port, or the scheme default for the transport.
     pub fn port_or_default(&self) -> u16 {
-        self.port.unwrap_or(match self.transport() {
+        // Lazily: finding the transport parameter scans the parameters.
+        self.port.unwrap_or_else(|| match self.transport() {
             Some(Transport::Tls) => 5061,
             _ => 5060,
         })
