@@ -385,6 +385,8 @@ pub struct Message {
     /// From and To tags of a request, found while validating its From and To (responses do
     /// not have them validated, so their tags are looked up on demand).
     tags: Option<[Option<Span>; 2]>,
+    /// The Request-URI's scheme, from its parse in validation (the proxy checks it for 416).
+    ruri_scheme: Option<Scheme>,
 }
 
 impl Message {
@@ -414,6 +416,7 @@ impl Message {
             max_forwards: None,
             top_via: ViaSpans::default(),
             tags: None,
+            ruri_scheme: None,
             buf,
         };
         let mut info = index_into(&m.buf, limits, &mut m.headers)?;
@@ -549,6 +552,7 @@ impl Message {
         };
         let mut max_forwards = None;
         let mut tags = None;
+        let mut ruri_scheme = None;
         match self.start {
             StartLine::Request {
                 method_span, uri, ..
@@ -576,6 +580,7 @@ impl Message {
                 let (_, to_tag) = NameAddr::parse_with_tag(&buf[first[1].range()])
                     .map_err(|_| ParseError::Bad("To"))?;
                 tags = Some([from_tag.map(span_of), to_tag.map(span_of)]);
+                ruri_scheme = Some(ruri.scheme);
             }
             StartLine::Response { .. } => {}
         }
@@ -586,6 +591,7 @@ impl Message {
         self.top_via = top_via;
         self.max_forwards = max_forwards;
         self.tags = tags;
+        self.ruri_scheme = ruri_scheme;
         Ok(())
     }
 
@@ -759,7 +765,7 @@ impl Message {
     }
     /// Request-URI scheme, for the 416 check.
     pub fn uri_scheme(&self) -> Option<Scheme> {
-        self.uri().map(|u| u.scheme)
+        self.ruri_scheme.or_else(|| self.uri().map(|u| u.scheme))
     }
 }
 
