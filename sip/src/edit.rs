@@ -387,6 +387,33 @@ pub fn header_lines(buf: &[u8]) -> Vec<(HeaderName, Vec<u8>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn write_decimal_writes_every_width() {
+        for v in [
+            0u32,
+            7,
+            9,
+            10,
+            42,
+            99,
+            100,
+            255,
+            999,
+            1000,
+            5060,
+            65535,
+            u32::MAX,
+        ] {
+            let mut b = [0u8; 10];
+            let n = write_decimal(&mut b, v);
+            assert_eq!(&b[..n], v.to_string().as_bytes());
+        }
+        // A buffer too short for the fast path still gets the digits that fit.
+        let mut two = [0u8; 2];
+        assert_eq!(write_decimal(&mut two, 7), 1);
+        assert_eq!(two[0], b'7');
+    }
     use bytes::Bytes;
 
     const INV: &[u8] = b"INVITE sip:bob@example.com SIP/2.0\r\n\
