@@ -28,7 +28,7 @@ use sbc_sip::addr::NameAddr;
 use sbc_sip::edit::{self, Edits, ResponseOpts};
 use sbc_sip::message::{HeaderName, Message};
 use sbc_sip::scan::{offset_in, parse_decimal, trim};
-use sbc_sip::uri::Uri;
+use sbc_sip::uri::{find_param, Uri};
 use smallvec::SmallVec;
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -171,7 +171,23 @@ pub struct ShadowJob {
 }
 
 /// A Contact of a registrar's 2xx: the value (a slice of the message), parsed, and its key.
-type Echoed<'a> = (&'a [u8], NameAddr<'a>, ContactKey);
+/// A contact of the 2xx: its value, its header parameters and its binding key.
+type Echoed<'a> = (&'a [u8], &'a [u8], ContactKey);
+
+/// The header parameters of `rv` when it is `na` echoed verbatim (`<uri>` and parameters):
+/// what registrars do with the contacts they accept, adding `expires`. The key is then
+/// `na`'s, and the URI need not be parsed a second time (~1,000 instructions per REGISTER).
+fn echoed_params<'a>(rv: &'a [u8], na: &NameAddr<'_>) -> Option<&'a [u8]> {
+    if !na.bracketed || na.display.is_some() {
+        return None;
+    }
+    let n = na.uri_raw.len();
+    if rv.len() < n + 2 || rv[0] != b'<' || &rv[1..1 + n] != na.uri_raw || rv[1 + n] != b'>' {
+        return None;
+    }
+    let params = trim(&rv[n + 2..]);
+    (params.is_empty() || params[0] == b';').then_some(params)
+}
 
 /// Registration bindings; read on every request from a phone, written on REGISTER answers.
 #[derive(Default)]
@@ -218,7 +234,12 @@ pub(crate) fn header_expires(msg: &Message) -> Option<u64> {
 
 /// A contact's own `expires` parameter.
 pub(crate) fn contact_expires(na: &NameAddr<'_>) -> Option<u64> {
-    na.param(b"expires")
+    params_expires(na.params)
+}
+
+/// The `expires` parameter among a contact's header parameters.
+fn params_expires(params: &[u8]) -> Option<u64> {
+    find_param(params, b"expires")
         .flatten()
         .and_then(|e| parse_decimal(e, u32::MAX as u64))
 }
@@ -240,12 +261,12 @@ fn phone_lifetime(policy: &Policy, cap: u64) -> u64 {
 }
 
 /// Sets the `expires` parameter of the Contact value `value` (a slice of `buf`) to `n`.
-fn set_expires_param(buf: &[u8], value: &[u8], na: &NameAddr<'_>, n: u64, edits: &mut Edits) {
+fn set_expires_param(buf: &[u8], value: &[u8], params: &[u8], n: u64, edits: &mut Edits) {
     let value = trim(value);
     let Some(vstart) = offset_in(buf, value) else {
         return;
     };
-    match na.param(b"expires") {
+    match find_param(params, b"expires") {
         Some(Some(v)) => {
             if let Some(at) = offset_in(buf, v) {
                 edits.replace(at..at + v.len(), n.to_string().as_bytes());
@@ -266,7 +287,7 @@ fn contact_with_expires(value: &[u8], n: u64) -> Vec<u8> {
         return value.to_vec();
     };
     let mut e = Edits::new();
-    set_expires_param(value, value, &na, n, &mut e);
+    set_expires_param(value, value, na.params, n, &mut e);
     e.apply(value)
 }
 
@@ -392,20 +413,39 @@ impl Registrations {
             replay.extend_from_slice(b"\r\n");
         }
         let buf = response.as_bytes();
-        // The response's contacts, parsed once.
+        // The request's contacts, parsed once (`None`: the "*" of a removal); a value that
+        // does not parse is skipped.
+        let asked: SmallVec<[Option<(NameAddr<'_>, ContactKey)>; 2]> = request
+            .values(HeaderName::Contact)
+            .filter_map(|(_, v)| {
+                let v = trim(v);
+                if v == b"*" {
+                    return Some(None);
+                }
+                let na = NameAddr::parse(v).ok()?;
+                let k = contact_key(&na.uri);
+                Some(Some((na, k)))
+            })
+            .collect();
+        // The response's contacts: those echoing one of the request's verbatim take its key,
+        // the others are parsed.
         let echoed: SmallVec<[Echoed<'_>; 2]> = response
             .values(HeaderName::Contact)
             .filter_map(|(_, rv)| {
                 let rv = trim(rv);
+                for (na, k) in asked.iter().flatten() {
+                    if let Some(params) = echoed_params(rv, na) {
+                        return Some((rv, params, k.clone()));
+                    }
+                }
                 let na = NameAddr::parse(rv).ok()?;
-                let k = contact_key(&na.uri);
-                Some((rv, na, k))
+                Some((rv, na.params, contact_key(&na.uri)))
             })
             .collect();
         let mut shortest: Option<u64> = None;
         let mut inner = self.inner.write();
-        for (_, v) in request.values(HeaderName::Contact) {
-            if trim(v) == b"*" {
+        for contact in asked {
+            let Some((na, key)) = contact else {
                 // Remove every binding this flow made.
                 if let Some(e) = inner.by_flow.remove(&flow) {
                     for c in e.contacts {
@@ -413,15 +453,11 @@ impl Registrations {
                     }
                 }
                 continue;
-            }
-            let Ok(na) = NameAddr::parse(trim(v)) else {
-                continue;
             };
-            let key = contact_key(&na.uri);
             let echo = echoed.iter().find(|(_, _, k)| *k == key);
             // The expiry the registrar granted this contact, as echoed in the 2xx.
-            let granted = echo.map(|(_, rna, _)| {
-                contact_expires(rna)
+            let granted = echo.map(|(_, params, _)| {
+                params_expires(params)
                     .or(resp_expires)
                     .unwrap_or(default_expires)
             });
@@ -444,9 +480,9 @@ impl Registrations {
                 continue;
             }
             let phone = phone_lifetime(policy, exp);
-            if let Some((rv, rna, _)) = echo {
+            if let Some((rv, params, _)) = echo {
                 if phone != exp {
-                    set_expires_param(buf, rv, rna, phone, edits);
+                    set_expires_param(buf, rv, params, phone, edits);
                 }
             }
             shortest = Some(shortest.map_or(phone, |s| s.min(phone)));
@@ -828,6 +864,43 @@ fn strip_tag(to: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_echoed_contact_is_recognised_without_a_parse() {
+        let na = NameAddr::parse(b"<sip:u1@192.0.2.7:5060;ob>").unwrap();
+        let echo = |rv: &'static [u8]| echoed_params(rv, &na);
+        assert_eq!(
+            echo(b"<sip:u1@192.0.2.7:5060;ob>;expires=60"),
+            Some(&b";expires=60"[..])
+        );
+        assert_eq!(echo(b"<sip:u1@192.0.2.7:5060;ob>"), Some(&b""[..]));
+        assert_eq!(
+            echo(b"<sip:u1@192.0.2.7:5060;ob> ;q=0.5"),
+            Some(&b";q=0.5"[..])
+        );
+        assert_eq!(
+            echo(b"<sip:u1@192.0.2.7:5061;ob>;expires=60"),
+            None,
+            "another port"
+        );
+        assert_eq!(echo(b"<sip:u1@192.0.2.7:5060;ob>x"), None, "not parameters");
+        assert_eq!(echo(b"<sip:u1@192.0.2.7:5060"), None, "unclosed");
+        assert_eq!(
+            echo(b"\"A\" <sip:u1@192.0.2.7:5060;ob>"),
+            None,
+            "display name: parsed"
+        );
+        let bare = NameAddr::parse(b"sip:u1@192.0.2.7:5060").unwrap();
+        assert_eq!(
+            echoed_params(b"sip:u1@192.0.2.7:5060;expires=5", &bare),
+            None
+        );
+        // What the fast path finds is what a full parse finds.
+        let rv = &b"<sip:u1@192.0.2.7:5060;ob>;expires=60;+sip.instance=\"<urn:x>\""[..];
+        let full = NameAddr::parse(rv).unwrap();
+        assert_eq!(echoed_params(rv, &na), Some(full.params));
+        assert_eq!(contact_key(&full.uri), contact_key(&na.uri));
+    }
     use bytes::Bytes;
     use sbc_sip::Transport;
 
