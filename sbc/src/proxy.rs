@@ -2972,7 +2972,8 @@ fn server_key(msg: &Message, via: &sbc_sip::via::Via<'_>) -> TxKey {
         b.extend_from_slice(via.branch.unwrap_or_default());
         b.push(b'|');
         b.extend_from_slice(via.host);
-        let _ = write!(AsFmt(&mut b), ":{}", via.port.unwrap_or(0));
+        b.push(b':');
+        push_dec(&mut b, u32::from(via.port.unwrap_or(0)));
         return TxKey {
             branch: b.into(),
             method,
