@@ -170,8 +170,8 @@ pub struct ShadowJob {
     pub expires: u32,
 }
 
-/// A Contact of a registrar's 2xx: the value (a slice of the message), parsed, and its key.
-/// A contact of the 2xx: its value, its header parameters and its binding key.
+/// A contact of a registrar's 2xx: its value, its header parameters (slices of the message)
+/// and its binding key.
 type Echoed<'a> = (&'a [u8], &'a [u8], ContactKey);
 
 /// The header parameters of `rv` when it is `na` echoed verbatim (`<uri>` and parameters):
@@ -181,12 +181,12 @@ fn echoed_params<'a>(rv: &'a [u8], na: &NameAddr<'_>) -> Option<&'a [u8]> {
     if !na.bracketed || na.display.is_some() {
         return None;
     }
-    let n = na.uri_raw.len();
-    if rv.len() < n + 2 || rv[0] != b'<' || &rv[1..1 + n] != na.uri_raw || rv[1 + n] != b'>' {
-        return None;
-    }
-    let params = trim(&rv[n + 2..]);
-    (params.is_empty() || params[0] == b';').then_some(params)
+    let rest = rv
+        .strip_prefix(b"<")?
+        .strip_prefix(na.uri_raw)?
+        .strip_prefix(b">")?;
+    let params = trim(rest);
+    (params.is_empty() || params.starts_with(b";")).then_some(params)
 }
 
 /// Registration bindings; read on every request from a phone, written on REGISTER answers.
@@ -195,8 +195,8 @@ pub struct Registrations {
     inner: RwLock<Inner>,
 }
 
-/// A binding's key, built on the stack: every REGISTER builds two (its own contact and the
-/// 2xx's echo) and only a new binding needs it on the heap.
+/// A binding's key, built on the stack: every REGISTER builds one per contact, and only a
+/// new binding needs it on the heap.
 type ContactKey = SmallVec<[u8; 64]>;
 
 /// A contact URI reduced to what identifies where it points: user@host:port, lowercased host.
@@ -864,6 +864,8 @@ fn strip_tag(to: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+    use sbc_sip::Transport;
 
     #[test]
     fn an_echoed_contact_is_recognised_without_a_parse() {
@@ -901,8 +903,6 @@ mod tests {
         assert_eq!(echoed_params(rv, &na), Some(full.params));
         assert_eq!(contact_key(&full.uri), contact_key(&na.uri));
     }
-    use bytes::Bytes;
-    use sbc_sip::Transport;
 
     fn flow(port: u16) -> Flow {
         Flow {
