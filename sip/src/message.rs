@@ -385,7 +385,8 @@ pub struct Message {
     /// From and To tags of a request, found while validating its From and To (responses do
     /// not have them validated, so their tags are looked up on demand).
     tags: Option<[Option<Span>; 2]>,
-    /// The Request-URI's scheme, from its parse in validation (the proxy checks it for 416).
+    /// The Request-URI's scheme, from its parse in validation (the proxy checks it for 416);
+    /// `None` for a response.
     ruri_scheme: Option<Scheme>,
 }
 
@@ -765,7 +766,7 @@ impl Message {
     }
     /// Request-URI scheme, for the 416 check.
     pub fn uri_scheme(&self) -> Option<Scheme> {
-        self.ruri_scheme.or_else(|| self.uri().map(|u| u.scheme))
+        self.ruri_scheme
     }
 }
 
