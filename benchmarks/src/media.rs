@@ -206,6 +206,8 @@ pub struct RelayHostOpts {
     pub coalesce_us: Option<u64>,
     /// `RelayConfig::io`: "epoll" or "uring"; `None` keeps the relay's default.
     pub io: Option<String>,
+    /// `RelayConfig::connect_latched`.
+    pub connect_latched: bool,
     pub map_out: std::path::PathBuf,
     /// The process exits by itself after this long, should the script that started it die.
     pub max_seconds: u64,
@@ -229,6 +231,7 @@ pub fn relay_host(o: RelayHostOpts) -> anyhow::Result<()> {
     if let Some(io) = &o.io {
         cfg.io = io.parse().map_err(|e| anyhow::anyhow!("--io: {e}"))?;
     }
+    cfg.connect_latched = o.connect_latched;
     let (relay, _events) = Relay::start(cfg).map_err(|e| anyhow::anyhow!("relay: {e}"))?;
     let rss_before = rss_kib(pid);
     let t0 = Instant::now();
@@ -265,12 +268,13 @@ pub fn relay_host(o: RelayHostOpts) -> anyhow::Result<()> {
     };
     map.write(&o.map_out)?;
     eprintln!(
-        "relay-host: {} calls set up in {:.2} s, map in {}; io {:?}, {} worker(s) on io_uring",
+        "relay-host: {} calls set up in {:.2} s, map in {}; io {:?}, {} worker(s) on io_uring, connected sends {}",
         o.layout.calls,
         map.setup_seconds,
         o.map_out.display(),
         relay.config().io,
-        relay.totals().uring_workers
+        relay.totals().uring_workers,
+        relay.config().connect_latched
     );
     let deadline = Instant::now() + Duration::from_secs(o.max_seconds);
     while Instant::now() < deadline {

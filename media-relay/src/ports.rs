@@ -4,11 +4,21 @@
 //! released is the last to be reused: late packets of an ended call then hit a closed port
 //! instead of a new call. Binding happens at allocation, so a port held by another process is
 //! found and skipped right there, and the caller gets bound sockets, not a promise.
+//!
+//! An RTP port may get a second socket, its *twin*, bound to the same address and port
+//! (`RelayConfig::connect_latched`). Both are bound with `SO_REUSEPORT`, which is cleared again
+//! right after the second bind: a third socket (another process of the same user, a second SBC
+//! on the same range) then gets "address in use" as it would without the twin, and the kernel
+//! picks between the two by plain lookup score. Once the worker `connect`s the twin to the
+//! latched source, that source's datagrams go to the twin (a connected socket outscores an
+//! unconnected one) and everything else still reaches the first socket.
 
 use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::ops::RangeInclusive;
+
+use socket2::{Domain, Protocol, Socket, Type};
 
 /// Number of even/odd pairs (RTP even, RTCP = RTP + 1) inside an inclusive range.
 pub(crate) fn pair_count(range: &RangeInclusive<u16>) -> usize {
@@ -29,6 +39,8 @@ fn pairs(range: &RangeInclusive<u16>) -> impl Iterator<Item = u16> {
 pub(crate) struct BoundPair {
     pub rtp_port: u16,
     pub rtp: UdpSocket,
+    /// The RTP port's second socket (see the module doc), when asked for and available.
+    pub rtp_twin: Option<UdpSocket>,
     pub rtcp: UdpSocket,
 }
 
@@ -61,11 +73,12 @@ impl PortPool {
 
     /// Takes the next pair that binds. Each free pair is tried at most once per call; a pair
     /// that fails with "address in use" goes to the back (the other process may let go of it)
-    /// and the next one is tried. `None` when no pair could be bound.
-    pub fn allocate(&mut self) -> Option<BoundPair> {
+    /// and the next one is tried. `None` when no pair could be bound. With `twin`, the RTP
+    /// port also gets its second socket.
+    pub fn allocate(&mut self, twin: bool) -> Option<BoundPair> {
         for _ in 0..self.free.len() {
             let port = self.free.pop_front()?;
-            match bind_pair(self.bind, port) {
+            match bind_pair(self.bind, port, twin) {
                 Ok(pair) => return Some(pair),
                 Err(e) => {
                     tracing::debug!(port, bind = %self.bind, error = %e, "RTP port pair busy, skipped");
@@ -86,16 +99,47 @@ impl PortPool {
     }
 }
 
-fn bind_pair(ip: IpAddr, port: u16) -> io::Result<BoundPair> {
-    let rtp = UdpSocket::bind(SocketAddr::new(ip, port))?;
+fn bind_pair(ip: IpAddr, port: u16, twin: bool) -> io::Result<BoundPair> {
+    let addr = SocketAddr::new(ip, port);
+    let (rtp, rtp_twin) = if twin {
+        bind_twins(addr)?
+    } else {
+        (UdpSocket::bind(addr)?, None)
+    };
     let rtcp = UdpSocket::bind(SocketAddr::new(ip, port + 1))?;
     rtp.set_nonblocking(true)?;
     rtcp.set_nonblocking(true)?;
     Ok(BoundPair {
         rtp_port: port,
         rtp,
+        rtp_twin,
         rtcp,
     })
+}
+
+/// Binds `addr` and, if it can, a second socket to the same address (module doc). The port is
+/// refused only when the first bind fails; a second socket that cannot be had (descriptor
+/// limit) leaves the stream without one.
+fn bind_twins(addr: SocketAddr) -> io::Result<(UdpSocket, Option<UdpSocket>)> {
+    let open = || -> io::Result<Socket> {
+        let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        s.set_reuse_port(true)?;
+        s.set_nonblocking(true)?;
+        Ok(s)
+    };
+    let first = open()?;
+    first.bind(&addr.into())?;
+    let second = open().and_then(|s| s.bind(&addr.into()).map(|()| s));
+    // Closed again for everybody else: the two sockets stay bound side by side.
+    first.set_reuse_port(false)?;
+    let second = match second.and_then(|s| s.set_reuse_port(false).map(|()| s)) {
+        Ok(s) => Some(UdpSocket::from(s)),
+        Err(e) => {
+            tracing::debug!(%addr, error = %e, "no second RTP socket; the stream sends unconnected");
+            None
+        }
+    };
+    Ok((UdpSocket::from(first), second))
 }
 
 #[cfg(test)]
@@ -130,22 +174,80 @@ mod tests {
         };
         let mut pool = PortPool::new(ip, &range);
         assert_eq!(pool.total(), 3);
-        let a = pool.allocate().expect("a free pair");
+        let a = pool.allocate(false).expect("a free pair");
         assert_ne!(
             a.rtp_port,
             base - 4,
             "pair with busy RTCP port must be skipped"
         );
         assert_eq!(a.rtp_port % 2, 0);
-        let b = pool.allocate();
-        let c = pool.allocate();
+        let b = pool.allocate(false);
+        let c = pool.allocate(false);
         // base-4 is blocked, so at most two pairs are bound.
         assert!(b.is_none() || c.is_none());
         drop(blocker);
         let port_a = a.rtp_port;
         drop(a);
         pool.release(port_a);
-        assert!(pool.allocate().is_some());
+        assert!(pool.allocate(false).is_some());
         drop((b, c));
+    }
+
+    #[test]
+    fn twin_gets_its_connected_peer_and_the_first_socket_the_rest() {
+        for ip in ["127.0.0.1", "::1"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let probe = UdpSocket::bind(SocketAddr::new(ip, 0)).unwrap();
+            let base = probe.local_addr().unwrap().port() & !1;
+            drop(probe);
+            let mut pool = PortPool::new(ip, &(base..=base + 1));
+            let Some(pair) = pool.allocate(true) else {
+                return; // port raced away
+            };
+            let twin = pair.rtp_twin.expect("a second socket");
+            let port = SocketAddr::new(ip, pair.rtp_port);
+            assert!(
+                UdpSocket::bind(port).is_err(),
+                "a third socket must not get the port"
+            );
+            let peer = UdpSocket::bind(SocketAddr::new(ip, 0)).unwrap();
+            let other = UdpSocket::bind(SocketAddr::new(ip, 0)).unwrap();
+            twin.connect(peer.local_addr().unwrap()).unwrap();
+            for _ in 0..3 {
+                peer.send_to(b"peer", port).unwrap();
+                other.send_to(b"other", port).unwrap();
+            }
+            let read = |s: &UdpSocket| {
+                s.set_nonblocking(false).unwrap();
+                s.set_read_timeout(Some(std::time::Duration::from_secs(1)))
+                    .unwrap();
+                let mut got = Vec::new();
+                let mut buf = [0u8; 16];
+                for _ in 0..3 {
+                    let (n, from) = s.recv_from(&mut buf).unwrap();
+                    got.push((buf[..n].to_vec(), from));
+                }
+                got
+            };
+            for (data, from) in read(&twin) {
+                assert_eq!(
+                    (data.as_slice(), from),
+                    (&b"peer"[..], peer.local_addr().unwrap())
+                );
+            }
+            for (data, from) in read(&pair.rtp) {
+                assert_eq!(
+                    (data.as_slice(), from),
+                    (&b"other"[..], other.local_addr().unwrap())
+                );
+            }
+            // The twin sends from the port itself.
+            twin.send(b"back").unwrap();
+            let mut buf = [0u8; 16];
+            peer.set_read_timeout(Some(std::time::Duration::from_secs(1)))
+                .unwrap();
+            let (n, from) = peer.recv_from(&mut buf).unwrap();
+            assert_eq!((&buf[..n], from), (&b"back"[..], port));
+        }
     }
 }

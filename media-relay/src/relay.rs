@@ -403,7 +403,8 @@ impl Relay {
                 }
                 let side = session.legs[leg].side;
                 // The pool lock must be gone before `give_back` takes it again.
-                let allocated = self.shared.pools[self.pool_of(side)].lock().allocate();
+                let twin = self.shared.config.connect_latched;
+                let allocated = self.shared.pools[self.pool_of(side)].lock().allocate(twin);
                 match allocated {
                     Some(pair) => bound.push((i, leg, pair)),
                     None => {
@@ -767,12 +768,16 @@ fn new_endpoints(
         NewEndpoint {
             id: id(false),
             socket: pair.rtp,
+            twin: pair.rtp_twin,
             release: Some((pool, pair.rtp_port)),
             counters: Arc::clone(&counters[0]),
         },
         NewEndpoint {
             id: id(true),
             socket: pair.rtcp,
+            // RTCP: a packet every few seconds; a route lookup there costs nothing worth a
+            // descriptor.
+            twin: None,
             release: None,
             counters: Arc::clone(&counters[1]),
         },

@@ -30,6 +30,7 @@ pub(crate) struct StreamCounters {
 pub(crate) struct Addrs {
     pub advertised: Option<SocketAddr>,
     pub learned: Option<SocketAddr>,
+    pub connected: bool,
 }
 
 /// Single-writer add: the worker owning the stream is the only writer.
@@ -54,6 +55,7 @@ impl StreamCounters {
             jitter_us: self.jitter_us.load(Relaxed),
             advertised: addrs.advertised,
             learned: addrs.learned,
+            connected: addrs.connected,
         }
     }
 }
@@ -81,6 +83,9 @@ pub struct StreamStats {
     pub advertised: Option<SocketAddr>,
     /// Where packets really come from (latched); wins over `advertised` as destination.
     pub learned: Option<SocketAddr>,
+    /// Packets to `learned` leave through a socket connected to it (`RelayConfig::connect_latched`):
+    /// the kernel keeps their route instead of looking it up per packet.
+    pub connected: bool,
 }
 
 impl StreamStats {

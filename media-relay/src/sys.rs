@@ -348,16 +348,22 @@ impl Batch {
         };
     }
 
-    /// Sends the first `count` queued datagrams to `dest` from `fd`. Returns how many left and
-    /// how many failed; a failed datagram is skipped (a relay drops, it does not retry), and a
-    /// full send buffer drops the rest of the batch.
-    pub fn send(&mut self, fd: RawFd, count: usize, dest: &RawAddr) -> (usize, usize) {
+    /// Sends the first `count` queued datagrams to `dest` from `fd` (no `dest`: `fd` is
+    /// connected). Returns how many left and how many failed; a failed datagram is skipped (a
+    /// relay drops, it does not retry), and a full send buffer drops the rest of the batch.
+    pub fn send(&mut self, fd: RawFd, count: usize, dest: Option<&RawAddr>) -> (usize, usize) {
         // Pointing at the caller's address (it outlives the call) rather than copying its 128
         // bytes into the batch for every send.
-        let name = (&dest.storage as *const libc::sockaddr_storage).cast_mut();
+        let (name, len) = match dest {
+            Some(d) => (
+                (&d.storage as *const libc::sockaddr_storage).cast_mut(),
+                d.len,
+            ),
+            None => (std::ptr::null_mut(), 0),
+        };
         for h in &mut self.tx[..count] {
             h.msg_hdr.msg_name = name.cast();
-            h.msg_hdr.msg_namelen = dest.len;
+            h.msg_hdr.msg_namelen = len;
         }
         let (mut off, mut sent, mut failed) = (0usize, 0usize, 0usize);
         while off < count {
@@ -441,7 +447,7 @@ mod tests {
                 batch.queue(i, i);
             }
             let dest = RawAddr::new(&c.local_addr().unwrap());
-            assert_eq!(batch.send(b.as_raw_fd(), n, &dest), (n, 0));
+            assert_eq!(batch.send(b.as_raw_fd(), n, Some(&dest)), (n, 0));
             got += n;
         }
         let mut buf = [0u8; 64];

@@ -389,14 +389,27 @@ impl Ring {
     /// out of the provided ring until the send completes. False: not queued (the caller
     /// counts the drop and recycles the buffer).
     #[inline]
-    pub fn send(&mut self, bid: u16, len: usize, fd: RawFd, dest: &RawAddr, from: u64) -> bool {
+    pub fn send(
+        &mut self,
+        bid: u16,
+        len: usize,
+        fd: RawFd,
+        dest: Option<&RawAddr>,
+        from: u64,
+    ) -> bool {
         let b = usize::from(bid % NBUF);
-        self.dest[b] = *dest;
         self.meta[b] = SendMeta {
             from,
             len: len as u32,
         };
-        let (name, namelen) = self.dest[b].as_ptr();
+        // No address: `fd` is connected (the twin of a latched stream).
+        let (name, namelen) = match dest {
+            Some(d) => {
+                self.dest[b] = *d;
+                self.dest[b].as_ptr()
+            }
+            None => (std::ptr::null(), 0),
+        };
         let data = self.payload(bid, len).as_ptr();
         // MSG_DONTWAIT: a full send buffer fails the send (counted, the packet dropped) instead
         // of parking it, as sendmmsg does.
@@ -630,7 +643,7 @@ mod tests {
                         assert_eq!(rx.len, 20);
                         assert_eq!(ring.payload(bid, rx.len)[0], (got % 251) as u8);
                         got += 1;
-                        assert!(ring.send(bid, rx.len, b.as_raw_fd(), &dest, 7));
+                        assert!(ring.send(bid, rx.len, b.as_raw_fd(), Some(&dest), 7));
                         false
                     }
                     Kind::Send(bid) => {

@@ -62,6 +62,8 @@ impl EndpointId {
 pub(crate) struct NewEndpoint {
     pub id: EndpointId,
     pub socket: UdpSocket,
+    /// The port's second socket, connected to the source once latched (ports.rs).
+    pub twin: Option<UdpSocket>,
     /// (pool index, RTP port) to give back when the call ends; carried by the RTP socket of the
     /// pair only, so a pair is released once.
     pub release: Option<(usize, u16)>,
@@ -188,6 +190,14 @@ struct Endpoint {
     learned: Option<SocketAddr>,
     /// Where packets leaving through this socket go: learned, else advertised.
     dest: Option<RawAddr>,
+    /// The port's second socket (ports.rs) and its descriptor (-1 without one).
+    twin: Option<UdpSocket>,
+    twin_fd: RawFd,
+    /// The address the twin is connected to.
+    twin_peer: Option<SocketAddr>,
+    /// `dest` is `twin_peer`: packets for this endpoint leave through the connected twin,
+    /// without an address.
+    via_twin: bool,
     /// Last packet accepted from the latched source (timeouts, re-latch guard).
     last_rx_ns: u64,
     est: RtpEstimator,
@@ -266,7 +276,33 @@ impl Endpoint {
         self.learned = Some(src);
         self.dest = Some(RawAddr::new(&src));
         self.last_rx_ns = now;
-        self.counters.addrs.lock().learned = Some(src);
+        if let Some(twin) = &self.twin {
+            if self.twin_peer != Some(src) {
+                // Once per latch: the kernel resolves the route now and keeps it.
+                self.twin_peer = match twin.connect(src) {
+                    Ok(()) => Some(src),
+                    Err(e) => {
+                        tracing::debug!(source = %src, error = %e, "connect failed; stream sends unconnected");
+                        None
+                    }
+                };
+            }
+        }
+        self.via_twin = self.twin_peer == Some(src);
+        let mut addrs = self.counters.addrs.lock();
+        addrs.learned = Some(src);
+        addrs.connected = self.via_twin;
+    }
+
+    /// The socket and address a packet for this endpoint leaves through: the connected twin
+    /// (no address) when it points at the latched source, else the socket itself and `dest`.
+    #[inline]
+    fn route(&self) -> Option<(RawFd, Option<&RawAddr>)> {
+        if self.via_twin {
+            Some((self.twin_fd, None))
+        } else {
+            self.dest.as_ref().map(|d| (self.fd, Some(d)))
+        }
     }
 
     #[inline]
@@ -501,7 +537,10 @@ impl Worker {
                 }
                 _ => {
                     if let Some(ep) = slab[idx].ep.as_ref() {
-                        ring.arm_recv(ep.fd, token);
+                        let fd = token_fd(ep, token);
+                        if fd >= 0 {
+                            ring.arm_recv(fd, token);
+                        }
                     }
                 }
             }
@@ -552,7 +591,7 @@ impl Worker {
         let target = slab
             .get(partner as usize)
             .and_then(|s| s.ep.as_ref())
-            .and_then(|p| p.dest.as_ref().map(|d| (p.fd, d)));
+            .and_then(Endpoint::route);
         match target {
             // Counted when the send completes (`on_sent`).
             Some((fd, dest)) => {
@@ -700,7 +739,7 @@ impl Worker {
             let Some(ep) = slab[idx].ep.as_mut() else {
                 return false;
             };
-            let n = match batch.recv(ep.fd) {
+            let n = match batch.recv(token_fd(ep, token)) {
                 Ok(0) => return false,
                 Ok(n) => n,
                 Err(e) => {
@@ -747,7 +786,7 @@ impl Worker {
                 let target = slab
                     .get(partner as usize)
                     .and_then(|s| s.ep.as_ref())
-                    .and_then(|p| p.dest.as_ref().map(|d| (p.fd, d)));
+                    .and_then(Endpoint::route);
                 match target {
                     Some((fd, dest)) => {
                         for (slot, &i) in accepted[..count].iter().enumerate() {
@@ -860,14 +899,29 @@ impl Worker {
             return Err(ne.release);
         };
         let token = slot_token(idx, gen);
+        let mut twin = ne.twin;
+        let twin_fd = twin.as_ref().map_or(-1, |t| t.as_raw_fd());
         if let Some(ring) = self.uring.as_deref_mut() {
             // A refusal arrives as the receive's completion (see on_received).
             ring.arm_recv(fd, token);
-        } else if let Err(e) = self.epoll.add_edge(fd, token) {
-            tracing::error!(error = %e, "epoll_ctl ADD failed; stream not relayed");
-            self.free.push(idx);
-            return Err(ne.release);
+            if twin_fd >= 0 {
+                ring.arm_recv(twin_fd, token | TWIN_BIT);
+            }
+        } else {
+            if let Err(e) = self.epoll.add_edge(fd, token) {
+                tracing::error!(error = %e, "epoll_ctl ADD failed; stream not relayed");
+                self.free.push(idx);
+                return Err(ne.release);
+            }
+            if twin_fd >= 0 {
+                if let Err(e) = self.epoll.add_edge(twin_fd, token | TWIN_BIT) {
+                    // The stream works without it, unconnected.
+                    tracing::debug!(error = %e, "epoll_ctl ADD of the second socket failed");
+                    twin = None;
+                }
+            }
         }
+        let twin_fd = twin.as_ref().map_or(-1, |t| t.as_raw_fd());
         let partner_id = ne.id.partner();
         let partner = wc
             .endpoints
@@ -891,6 +945,10 @@ impl Worker {
             advertised: None,
             learned: None,
             dest: None,
+            twin,
+            twin_fd,
+            twin_peer: None,
+            via_twin: false,
             last_rx_ns: now,
             est: RtpEstimator::default(),
             rates: SmallVec::new(),
@@ -1020,9 +1078,15 @@ impl Worker {
         }
         if reset && ep.learned.is_some() {
             ep.learned = None;
-            ep.counters.addrs.lock().learned = None;
+            let mut addrs = ep.counters.addrs.lock();
+            addrs.learned = None;
+            addrs.connected = false;
         }
         ep.dest = ep.learned.or(ep.advertised).map(|a| RawAddr::new(&a));
+        // Until a source is latched again, packets leave unconnected toward the SDP's
+        // address. The twin stays connected: the old source's packets still reach it and
+        // are judged as on the first socket.
+        ep.via_twin = ep.learned.is_some() && ep.learned == ep.twin_peer;
     }
 
     /// Closes a call's sockets (so their ports are really free) and then returns the ports.
@@ -1035,7 +1099,9 @@ impl Worker {
             let fds: SmallVec<[RawFd; 8]> = wc
                 .endpoints
                 .iter()
-                .filter_map(|&(_, idx)| self.slab[idx as usize].ep.as_ref().map(|ep| ep.fd))
+                .filter_map(|&(_, idx)| self.slab[idx as usize].ep.as_ref())
+                .flat_map(|ep| [ep.fd, ep.twin_fd])
+                .filter(|fd| *fd >= 0)
                 .collect();
             ring.cancel_fds(&fds);
         }
@@ -1046,6 +1112,9 @@ impl Worker {
                 debug_assert_eq!(ep.call, call);
                 if self.uring.is_none() {
                     let _ = self.epoll.delete(ep.fd);
+                    if ep.twin_fd >= 0 {
+                        let _ = self.epoll.delete(ep.twin_fd);
+                    }
                 }
                 releases.extend(ep.release);
                 drop(ep.socket);
@@ -1101,7 +1170,21 @@ fn slot_token(idx: u32, gen: u32) -> u64 {
     (u64::from(gen) << 32) | u64::from(idx)
 }
 
-/// The slab index and generation of a [`slot_token`].
+/// Marks a token as the endpoint's second socket (its twin): same slot, other descriptor.
+/// Slab indexes stay far below 2^31 (one slot per socket).
+const TWIN_BIT: u64 = 1 << 31;
+
+/// The slab index and generation of a [`slot_token`] (with or without [`TWIN_BIT`]).
 fn split_token(token: u64) -> (usize, u32) {
-    ((token & 0xffff_ffff) as usize, (token >> 32) as u32)
+    ((token & 0x7fff_ffff) as usize, (token >> 32) as u32)
+}
+
+/// The descriptor a token names: the endpoint's socket or its twin.
+#[inline]
+fn token_fd(ep: &Endpoint, token: u64) -> RawFd {
+    if token & TWIN_BIT != 0 {
+        ep.twin_fd
+    } else {
+        ep.fd
+    }
 }

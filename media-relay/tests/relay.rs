@@ -1111,3 +1111,96 @@ fn configured_backend_runs_and_relays_bursts_in_order() {
     });
     assert_eq!(relay.totals().dropped, 0);
 }
+
+#[test]
+fn latched_rtp_leaves_through_a_connected_socket() {
+    for connect in [true, false] {
+        let mut c = config(22400, "127.0.0.1", "127.0.0.1");
+        c.connect_latched = connect;
+        let (relay, _ev) = start(c);
+        let (a, b) = (Peer::new("127.0.0.1"), Peer::new("127.0.0.1"));
+        let stray = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let call = CallKey::new(&format!("connected-{connect}@test"));
+        let ((ra, _), (rb, _)) = setup(&relay, &call, &a, &b);
+        // Nobody else gets the RTP port, not even with SO_REUSEPORT.
+        let intruder = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )
+        .unwrap();
+        intruder.set_reuse_port(true).unwrap();
+        assert!(
+            intruder.bind(&ra.into()).is_err(),
+            "RTP port {ra} open to a third socket (connect_latched {connect})"
+        );
+        assert!(
+            !stream(&relay, &call, 0, false).connected,
+            "nothing latched yet"
+        );
+        a.rtp.send_to(&rtp(0, 0, 0xa, 1), ra).unwrap();
+        b.rtp.send_to(&rtp(0, 0, 0xb, 2), rb).unwrap();
+        assert_eq!(recv_n(&b.rtp, 1, Duration::from_secs(2)).len(), 1);
+        assert_eq!(recv_n(&a.rtp, 1, Duration::from_secs(2)).len(), 1);
+        eventually("latched", || {
+            let s = stream(&relay, &call, 0, false);
+            s.learned == Some(a.rtp_addr()) && s.connected == connect
+        });
+        assert_eq!(stream(&relay, &call, 1, false).connected, connect);
+        // Both ways, every packet, from the relay's port, the stray judged as before.
+        for i in 1..=20u16 {
+            a.rtp.send_to(&rtp(i, 0, 0xa, 1), ra).unwrap();
+            b.rtp.send_to(&rtp(i, 0, 0xb, 2), rb).unwrap();
+            stray.send_to(&rtp(i, 0, 0x66, 9), ra).unwrap();
+        }
+        let to_b = recv_n(&b.rtp, 20, Duration::from_secs(2));
+        let to_a = recv_n(&a.rtp, 20, Duration::from_secs(2));
+        assert_eq!(count_marker(&to_b, 1), 20);
+        assert_eq!(count_marker(&to_a, 2), 20);
+        assert!(to_b.iter().all(|(_, from)| *from == rb));
+        assert!(to_a.iter().all(|(_, from)| *from == ra));
+        eventually("stray counted", || {
+            stream(&relay, &call, 0, false).dropped_foreign == 20
+        });
+        // A new address in SDP: unconnected toward it until its source latches.
+        let moved = Peer::new("127.0.0.1");
+        relay
+            .offer(
+                &call,
+                "tag-a",
+                Side::Public,
+                Side::Internal,
+                moved.sdp(2, "sendrecv").as_bytes(),
+            )
+            .unwrap();
+        relay
+            .answer(&call, "tag-a", "tag-b", b.sdp(2, "sendrecv").as_bytes())
+            .unwrap();
+        eventually("latch reset", || {
+            let s = stream(&relay, &call, 0, false);
+            s.learned.is_none() && !s.connected
+        });
+        b.rtp.send_to(&rtp(21, 0, 0xb, 2), rb).unwrap();
+        assert_eq!(
+            count_marker(&recv_n(&moved.rtp, 1, Duration::from_secs(2)), 2),
+            1
+        );
+        moved.rtp.send_to(&rtp(21, 0, 0xa, 1), ra).unwrap();
+        assert_eq!(
+            count_marker(&recv_n(&b.rtp, 1, Duration::from_secs(2)), 1),
+            1
+        );
+        eventually("latched again", || {
+            let s = stream(&relay, &call, 0, false);
+            s.learned == Some(moved.rtp_addr()) && s.connected == connect
+        });
+        b.rtp.send_to(&rtp(22, 0, 0xb, 2), rb).unwrap();
+        assert_eq!(
+            count_marker(&recv_n(&moved.rtp, 1, Duration::from_secs(2)), 2),
+            1
+        );
+        assert!(drain(&a.rtp, Duration::from_millis(50)).is_empty());
+        relay.delete(&call);
+        relay.shutdown();
+    }
+}

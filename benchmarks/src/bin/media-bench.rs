@@ -141,6 +141,10 @@ enum Cmd {
         /// Relay's I/O backend: epoll or uring (default: the relay's own default).
         #[arg(long)]
         io: Option<String>,
+        /// Send latched RTP unconnected (RelayConfig::connect_latched = false), as the relay
+        /// did before connected sockets.
+        #[arg(long)]
+        unconnected: bool,
         #[arg(long)]
         map_out: PathBuf,
         /// Exit after this long even if nobody kills the process.
@@ -254,6 +258,7 @@ fn main() -> anyhow::Result<()> {
             workers,
             coalesce_us,
             io,
+            unconnected,
             map_out,
             max_seconds,
         } => media::relay_host(RelayHostOpts {
@@ -262,6 +267,7 @@ fn main() -> anyhow::Result<()> {
             workers,
             coalesce_us,
             io,
+            connect_latched: !unconnected,
             map_out,
             max_seconds,
         }),
