@@ -382,14 +382,18 @@ pub fn ng_setup(o: NgSetupOpts) -> anyhow::Result<()> {
     use sbc_media_relay::sdp::Sdp;
     o.layout.check()?;
     let mut ng = NgClient::new(o.ng)?;
-    // rtpengine may still be starting: ping until it answers (bounded).
+    // rtpengine may still be starting: ping until it answers (bounded). Before it binds its
+    // ng port a ping fails at once (ICMP port unreachable), so pause between attempts: up to
+    // 10 s in all.
     let ping = Value::dict(vec![("command", Value::str("ping"))]);
     let mut up = false;
-    for _ in 0..10 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
         if ng.request(&ping).is_ok() {
             up = true;
             break;
         }
+        std::thread::sleep(Duration::from_millis(200));
     }
     if !up {
         bail!("rtpengine at {} does not answer ng ping", o.ng);
