@@ -6,10 +6,11 @@
 //! found and skipped right there, and the caller gets bound sockets, not a promise.
 //!
 //! An RTP port may get a second socket, its *twin*, bound to the same address and port
-//! (`RelayConfig::connect_latched`). Both are bound with `SO_REUSEPORT`, which is cleared again
-//! right after the second bind: a third socket (another process of the same user, a second SBC
-//! on the same range) then gets "address in use" as it would without the twin, and the kernel
-//! picks between the two by plain lookup score. Once the worker `connect`s the twin to the
+//! (`RelayConfig::connect_latched`). The first bind is exclusive (it fails where anybody holds
+//! the port); then `SO_REUSEPORT` is set on both for the second bind and cleared again right
+//! after it: a third socket (another process of the same user, a second SBC on the same range)
+//! then gets "address in use" as it would without the twin, and the kernel picks between the
+//! two by plain lookup score. Once the worker `connect`s the twin to the
 //! latched source, that source's datagrams go to the twin (a connected socket outscores an
 //! unconnected one) and everything else still reaches the first socket.
 
@@ -123,13 +124,20 @@ fn bind_pair(ip: IpAddr, port: u16, twin: bool) -> io::Result<BoundPair> {
 fn bind_twins(addr: SocketAddr) -> io::Result<(UdpSocket, Option<UdpSocket>)> {
     let open = || -> io::Result<Socket> {
         let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-        s.set_reuse_port(true)?;
         s.set_nonblocking(true)?;
         Ok(s)
     };
+    // The first bind is exclusive, as without a twin: it fails wherever anybody holds the
+    // port, even a socket of this user with SO_REUSEPORT set. Only then is the port opened
+    // for the second socket.
     let first = open()?;
     first.bind(&addr.into())?;
-    let second = open().and_then(|s| s.bind(&addr.into()).map(|()| s));
+    first.set_reuse_port(true)?;
+    let second = open().and_then(|s| {
+        s.set_reuse_port(true)?;
+        s.bind(&addr.into())?;
+        Ok(s)
+    });
     // Closed again for everybody else: the two sockets stay bound side by side.
     first.set_reuse_port(false)?;
     let second = match second.and_then(|s| s.set_reuse_port(false).map(|()| s)) {
@@ -191,6 +199,25 @@ mod tests {
         pool.release(port_a);
         assert!(pool.allocate(false).is_some());
         drop((b, c));
+    }
+
+    #[test]
+    fn a_port_shared_by_reuseport_elsewhere_is_skipped() {
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let base = probe.local_addr().unwrap().port() & !1;
+        drop(probe);
+        // Another program of this user, listening with SO_REUSEPORT on the first pair's port.
+        let other = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+        other.set_reuse_port(true).unwrap();
+        if other.bind(&SocketAddr::new(ip, base).into()).is_err() {
+            return; // port raced away
+        }
+        let mut pool = PortPool::new(ip, &(base..=base + 3));
+        // None: base + 2 raced away.
+        if let Some(pair) = pool.allocate(true) {
+            assert_eq!(pair.rtp_port, base + 2, "shared port must be skipped");
+        }
     }
 
     #[test]
