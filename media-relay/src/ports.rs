@@ -169,13 +169,17 @@ mod tests {
         assert_eq!(pairs(&(0..=3)).collect::<Vec<_>>(), vec![2]);
     }
 
+    /// An even port that was free a moment ago (the kernel's pick, rounded down).
+    fn free_even_port(ip: IpAddr) -> u16 {
+        let probe = UdpSocket::bind(SocketAddr::new(ip, 0)).unwrap();
+        probe.local_addr().unwrap().port() & !1
+    }
+
     #[test]
     fn busy_port_is_skipped_and_release_reuses_last() {
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
         // Find a free even port pair, then occupy its RTCP half from "another process".
-        let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let base = probe.local_addr().unwrap().port() & !1;
-        drop(probe);
+        let base = free_even_port(ip);
         let range = base.saturating_sub(4)..=base + 1;
         let Ok(blocker) = UdpSocket::bind(SocketAddr::new(ip, base - 3)) else {
             return; // port raced away; nothing to prove on this run
@@ -204,9 +208,7 @@ mod tests {
     #[test]
     fn a_port_shared_by_reuseport_elsewhere_is_skipped() {
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
-        let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let base = probe.local_addr().unwrap().port() & !1;
-        drop(probe);
+        let base = free_even_port(ip);
         // Another program of this user, listening with SO_REUSEPORT on the first pair's port.
         let other = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
         other.set_reuse_port(true).unwrap();
@@ -224,9 +226,7 @@ mod tests {
     fn twin_gets_its_connected_peer_and_the_first_socket_the_rest() {
         for ip in ["127.0.0.1", "::1"] {
             let ip: IpAddr = ip.parse().unwrap();
-            let probe = UdpSocket::bind(SocketAddr::new(ip, 0)).unwrap();
-            let base = probe.local_addr().unwrap().port() & !1;
-            drop(probe);
+            let base = free_even_port(ip);
             let mut pool = PortPool::new(ip, &(base..=base + 1));
             let Some(pair) = pool.allocate(true) else {
                 return; // port raced away
