@@ -171,6 +171,27 @@ impl RelayConfig {
         }
     }
 
+    /// Descriptors the relay holds with every port pair of every pool in use: RTP and RTCP,
+    /// plus the RTP port's twin with `connect_latched`, for each pair of each distinct
+    /// (address, range) pool, plus a worker's eventfd and ring. A process descriptor limit
+    /// below this (and the signalling's own needs) refuses calls with 503 while ports are
+    /// still free, so the SBC checks its limit against it at start.
+    pub fn max_descriptors(&self) -> u64 {
+        let per_pair = if self.connect_latched { 3 } else { 2 };
+        let pools =
+            if self.public.bind == self.internal.bind && self.public.ports == self.internal.ports {
+                1
+            } else {
+                2
+            };
+        let pairs: u64 = Side::ALL
+            .iter()
+            .take(pools)
+            .map(|&side| crate::ports::pair_count(&self.side(side).ports) as u64)
+            .sum();
+        pairs * per_pair + 2 * self.worker_count() as u64
+    }
+
     pub(crate) fn worker_count(&self) -> usize {
         if self.workers > 0 {
             return self.workers;
@@ -242,6 +263,26 @@ mod tests {
 
     fn side(ip: &str, ports: RangeInclusive<u16>) -> SideConfig {
         SideConfig::new(ip.parse().unwrap(), ports)
+    }
+
+    #[test]
+    fn max_descriptors_counts_pools_pairs_and_twins() {
+        // One shared pool of 50 pairs, one worker: 50 x (RTP, twin, RTCP) + eventfd and ring.
+        let mut c = RelayConfig::new(
+            side("127.0.0.1", 20000..=20099),
+            side("127.0.0.1", 20000..=20099),
+        );
+        c.workers = 1;
+        assert_eq!(c.max_descriptors(), 50 * 3 + 2);
+        c.connect_latched = false;
+        assert_eq!(c.max_descriptors(), 50 * 2 + 2);
+        // Two addresses: two pools.
+        let mut c = RelayConfig::new(
+            side("127.0.0.1", 20000..=20099),
+            side("127.0.0.2", 20000..=20019),
+        );
+        c.workers = 2;
+        assert_eq!(c.max_descriptors(), (50 + 10) * 3 + 4);
     }
 
     #[test]

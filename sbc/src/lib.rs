@@ -15,6 +15,7 @@
 
 pub mod admin;
 pub mod flow_token;
+pub mod limits;
 pub mod media;
 pub mod memory;
 pub mod metrics;

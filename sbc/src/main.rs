@@ -137,6 +137,7 @@ fn main() -> anyhow::Result<()> {
                 );
             }
             let cfg = sbc_config::load(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
+            check_descriptor_limit(&cfg);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -163,6 +164,37 @@ fn main() -> anyhow::Result<()> {
             })
         }
         Cmd::Demo(args) => demo::main(&args),
+    }
+}
+
+/// Raises the soft descriptor limit to the hard one and warns when even that is short of what
+/// the configuration may need (`sbc::limits`): better a line at start than 503s at peak.
+fn check_descriptor_limit(cfg: &sbc_config::Config) {
+    let limit = match sbc::limits::raise_nofile_limit() {
+        Ok((before, after)) => {
+            if after > before {
+                tracing::info!(
+                    from = before,
+                    to = after,
+                    "descriptor limit raised to the hard limit"
+                );
+            }
+            after
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read or raise the descriptor limit");
+            return;
+        }
+    };
+    let needed = sbc::limits::descriptors_needed(cfg);
+    if limit < needed {
+        tracing::warn!(
+            limit,
+            needed,
+            "descriptor limit (RLIMIT_NOFILE) is below what the media port range and signalling \
+             may need: calls will get 503 while ports are still free; raise the hard limit \
+             (systemd LimitNOFILE=, ulimit -Hn) or narrow [media] port_min..port_max"
+        );
     }
 }
 

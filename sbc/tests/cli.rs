@@ -323,3 +323,99 @@ fn check_config_reports_file_line_and_exits_non_zero() {
     assert!(stderr.contains("missing.toml"), "names the file: {stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `sbc run` raises its soft descriptor limit to the hard one, and warns when even that is
+/// below what the media port range may need.
+#[test]
+fn run_raises_the_descriptor_limit_and_warns_when_it_is_short() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let mut own = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut own) }, 0);
+    // A hard limit of at most 2,048, under the default media range's 5,000 pairs x 3, and a
+    // soft limit well below it.
+    let hard = own.rlim_max.min(2048);
+    if hard <= 256 {
+        return; // nothing to raise on this machine
+    }
+    let dir = temp_dir("nofile");
+    let cfg = dir.join("sbc.toml");
+    std::fs::write(
+        &cfg,
+        "[[listen]]\ntransport = \"udp\"\naddr = \"127.0.0.1:0\"\n\n[[pool]]\nname = \"pbx\"\n\
+         [[pool.node]]\nname = \"pbx-a\"\naddress = \"127.0.0.2:5060\"\n",
+    )
+    .expect("config");
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -Sn 256 && ulimit -Hn {hard} && exec \"$0\" run --config \"$1\""
+        ))
+        .arg(env!("CARGO_BIN_EXE_sbc"))
+        .arg(&cfg)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sbc");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    for pipe in [
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+    }
+    let mut log = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !log.iter().any(|l: &String| l.contains("sbc running")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => log.push(line),
+            Err(_) => break,
+        }
+    }
+    let limits =
+        std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap_or_default();
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    let log = log.join("\n");
+    assert!(log.contains("sbc running"), "sbc did not start:\n{log}");
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("limits line");
+    let fields: Vec<&str> = open_files.split_whitespace().collect();
+    assert_eq!(
+        fields[3..5],
+        [hard.to_string().as_str(), hard.to_string().as_str()],
+        "soft limit raised to the hard one: {open_files}"
+    );
+    assert!(
+        log.contains("descriptor limit raised to the hard limit"),
+        "{log}"
+    );
+    assert!(
+        log.contains("descriptor limit (RLIMIT_NOFILE) is below"),
+        "{log}"
+    );
+}
