@@ -19,6 +19,7 @@ pub mod limits;
 pub mod media;
 pub mod memory;
 pub mod metrics;
+pub mod multipart;
 pub mod proxy;
 pub mod ratelimit;
 pub mod registrations;

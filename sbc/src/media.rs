@@ -147,18 +147,32 @@ pub fn has_sdp(msg: &Message) -> bool {
 /// [`has_sdp`] for a body that replaces the message's own (the SDP one relay pass produced,
 /// handed to the next pass when the SBC skips a dead PBX between two passes).
 fn has_sdp_body(msg: &Message, body: &[u8]) -> bool {
-    if body.is_empty() {
-        return false;
+    sdp_span(msg, body).is_some()
+}
+
+/// Where the SDP is in `body`: all of it, or one part of a multipart body (see
+/// [`crate::multipart`]).
+fn sdp_span(msg: &Message, body: &[u8]) -> Option<std::ops::Range<usize>> {
+    crate::multipart::sdp_span(msg.header_value(HeaderName::ContentType), body)
+}
+
+/// Runs the relay on the SDP inside `body` and puts its result back in place: the body to
+/// forward and where the SDP sits in it (what was sent, for [`MediaAnchor::sent_sdp`]).
+fn with_sdp(
+    msg: &Message,
+    body: &[u8],
+    relay: impl FnOnce(&[u8]) -> Result<Vec<u8>, MediaError>,
+) -> Result<(Vec<u8>, std::ops::Range<usize>), MediaError> {
+    let no_sdp = || MediaError::Sdp(sbc_media_relay::sdp::SdpError::Empty);
+    let span = sdp_span(msg, body).ok_or_else(no_sdp)?;
+    let sdp = body.get(span.clone()).ok_or_else(no_sdp)?;
+    let out = relay(sdp)?;
+    if span.start == 0 && span.end == body.len() {
+        let n = out.len();
+        return Ok((out, 0..n));
     }
-    match msg.header_value(HeaderName::ContentType) {
-        Some(ct) => {
-            let ct = sbc_sip::scan::trim(ct);
-            let mime = ct.split(|&b| b == b';').next().unwrap_or_default();
-            sbc_sip::scan::trim(mime).eq_ignore_ascii_case(b"application/sdp")
-        }
-        // RFC 3261 20.15: a body without Content-Type is unusual; an SDP-looking one is SDP.
-        None => body.starts_with(b"v=0"),
-    }
+    let at = span.start..span.start + out.len();
+    Ok((crate::multipart::splice(body, span, &out), at))
 }
 
 fn side_bit(side: Side) -> u8 {
@@ -269,12 +283,13 @@ impl MediaAnchor {
         match method {
             Method::Invite | Method::Update => {
                 let (key, side) = self.key(call_id, from_tag, in_side, out_side, initial);
-                match self
-                    .relay
-                    .offer(&key, text(from_tag), in_side, out_side, body)
-                {
-                    Ok(b) => {
-                        self.sent_sdp(&key, side != in_side, out_side, &b);
+                let offered = with_sdp(msg, body, |sdp| {
+                    self.relay
+                        .offer(&key, text(from_tag), in_side, out_side, sdp)
+                });
+                match offered {
+                    Ok((b, at)) => {
+                        self.sent_sdp(&key, side != in_side, out_side, &b[at]);
                         MediaAction::Body(b)
                     }
                     Err(e) => {
@@ -290,9 +305,12 @@ impl MediaAnchor {
             Method::Ack | Method::Prack => {
                 let to_tag = msg.to_tag().unwrap_or_default();
                 let (key, side) = self.key(call_id, from_tag, in_side, out_side, false);
-                match self.relay.answer(&key, text(to_tag), text(from_tag), body) {
-                    Ok(b) => {
-                        self.sent_sdp(&key, side != in_side, out_side, &b);
+                let answered = with_sdp(msg, body, |sdp| {
+                    self.relay.answer(&key, text(to_tag), text(from_tag), sdp)
+                });
+                match answered {
+                    Ok((b, at)) => {
+                        self.sent_sdp(&key, side != in_side, out_side, &b[at]);
                         MediaAction::Body(b)
                     }
                     Err(e) => {
@@ -355,16 +373,18 @@ impl MediaAnchor {
         }
         let to_tag = msg.to_tag().unwrap_or_default();
         let (key, side) = self.key(call_id, from_tag, req_in, req_out, initial);
-        let result = if request_offered {
-            self.relay.answer(&key, text(from_tag), text(to_tag), body)
-        } else {
-            // Late offer: the callee offers in its 18x/2xx; the ACK (or PRACK) answers.
-            self.relay.offer(&key, text(to_tag), req_out, req_in, body)
-        };
+        let result = with_sdp(msg, body, |sdp| {
+            if request_offered {
+                self.relay.answer(&key, text(from_tag), text(to_tag), sdp)
+            } else {
+                // Late offer: the callee offers in its 18x/2xx; the ACK (or PRACK) answers.
+                self.relay.offer(&key, text(to_tag), req_out, req_in, sdp)
+            }
+        });
         match result {
-            Ok(b) => {
+            Ok((b, at)) => {
                 // The response goes back to the request's sender.
-                self.sent_sdp(&key, side == req_in, req_in, &b);
+                self.sent_sdp(&key, side == req_in, req_in, &b[at]);
                 MediaAction::Body(b)
             }
             Err(e) => {

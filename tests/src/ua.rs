@@ -178,6 +178,9 @@ pub struct InviteOpts {
     pub extra_headers: String,
     /// Replaces the default SDP offer; `Some(vec![])` sends no body.
     pub sdp: Option<Vec<u8>>,
+    /// Content-Type of that body (default `application/sdp`): a multipart body with the SDP
+    /// in one part, as SIP-I trunks send.
+    pub content_type: Option<String>,
 }
 
 /// Per-UA memory used by the auto-reply hook.
@@ -698,7 +701,10 @@ impl Ua {
                     routes: &[],
                     contact: true,
                     extra: &extra,
-                    body: Some(("application/sdp", &sdp)),
+                    body: Some((
+                        opts.content_type.as_deref().unwrap_or("application/sdp"),
+                        &sdp,
+                    )),
                 },
                 &branch,
             );

@@ -2,7 +2,7 @@
 //! proxies, so a phone-to-trunk call crosses the SBC twice) carry RTP through the relay; the
 //! trunk and the PBX never see a phone's media address; a NATed phone is latched; a
 //! re-INVITE keeps the relay ports; silence ends the media; a small port range runs out
-//! cleanly (503) and recovers.
+//! cleanly (503) and recovers; SDP inside a multipart body (SIP-I) is anchored too.
 
 use sbc_sip::Transport;
 use sbc_tests::net::{count_rtp, free_udp, send_rtp};
@@ -289,6 +289,67 @@ async fn exhausted_port_range_answers_503_and_recovers() {
     let (call, _, _) =
         call_trunk(&lab, &alice, "sip:95551111@pbx.test", InviteOpts::default()).await;
     assert_eq!(call.final_status, 200, "third call");
+    lab.sbc.shutdown();
+}
+
+/// A SIP-I style INVITE: ISUP and SDP in a multipart/mixed body. The SDP part is anchored
+/// like a whole-body SDP, everything else in the body arrives byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdp_inside_a_multipart_body_is_anchored() {
+    let lab = lab("127.0.0.44", (20400, 20499), 60).await;
+    let alice = alice(&lab).await;
+    let trunk = &lab.trunk;
+    let isup: &[u8] = b"\x01\x00\x49\x00\x00\x03\x02\x00\x07\x04\x10\x00\x33\x63\x21\x43\x00";
+    let mut body = Vec::new();
+    body.extend_from_slice(
+        b"--sip-i-4711\r\nContent-Type: application/isup;version=itu-t92+\r\n\
+          Content-Disposition: signal;handling=optional\r\n\r\n",
+    );
+    body.extend_from_slice(isup);
+    body.extend_from_slice(b"\r\n--sip-i-4711\r\nContent-Type: application/sdp\r\n\r\n");
+    body.extend_from_slice(&alice.sdp(1));
+    body.extend_from_slice(b"\r\n--sip-i-4711--\r\n");
+    let opts = InviteOpts {
+        sdp: Some(body),
+        content_type: Some("multipart/mixed;boundary=sip-i-4711".into()),
+        ..Default::default()
+    };
+    let (call, inc, _) = call_trunk(&lab, &alice, "sip:95551234@pbx.test", opts).await;
+    assert_eq!(call.final_status, 200);
+    let got = inc.invite.body();
+    // Still multipart, ISUP intact, the SDP part naming the relay and not alice.
+    let ct = inc
+        .invite
+        .header_value(sbc_sip::message::HeaderName::ContentType)
+        .map(|v| String::from_utf8_lossy(v).to_string());
+    assert_eq!(ct.as_deref(), Some("multipart/mixed;boundary=sip-i-4711"));
+    assert!(got.windows(isup.len()).any(|w| w == isup), "ISUP part kept");
+    assert!(got.ends_with(b"\r\n--sip-i-4711--\r\n"));
+    let at_trunk = sdp_media_addr(got).expect("SDP part at the trunk");
+    assert!((20400..=20499).contains(&at_trunk.port()), "{at_trunk}");
+    let needle = format!(" {} ", alice.media_addr().port());
+    assert!(
+        !String::from_utf8_lossy(got).contains(&needle),
+        "the trunk saw alice's media port"
+    );
+    for m in lab.pbx.received() {
+        assert!(
+            !String::from_utf8_lossy(m.body()).contains(&needle),
+            "the PBX saw alice's media port"
+        );
+    }
+    // And media flows through the relay both ways.
+    let at_alice = call.remote_media().expect("SDP at alice");
+    assert!((20400..=20499).contains(&at_alice.port()), "{at_alice}");
+    tokio::join!(
+        send_rtp(alice.media_socket(), at_alice, 0xa2, 50),
+        send_rtp(trunk.media_socket(), at_trunk, 0x7d, 50)
+    );
+    let (to_trunk, to_alice) = tokio::join!(
+        count_rtp(trunk.media_socket(), 0xa2),
+        count_rtp(alice.media_socket(), 0x7d)
+    );
+    assert_eq!((to_trunk, to_alice), (50, 50));
     lab.sbc.shutdown();
 }
 
