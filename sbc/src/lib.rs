@@ -19,7 +19,6 @@ pub mod limits;
 pub mod media;
 pub mod memory;
 pub mod metrics;
-pub mod multipart;
 pub mod proxy;
 pub mod ratelimit;
 pub mod registrations;

@@ -151,9 +151,9 @@ fn has_sdp_body(msg: &Message, body: &[u8]) -> bool {
 }
 
 /// Where the SDP is in `body`: all of it, or one part of a multipart body (see
-/// [`crate::multipart`]).
+/// [`sbc_sip::multipart`]).
 fn sdp_span(msg: &Message, body: &[u8]) -> Option<std::ops::Range<usize>> {
-    crate::multipart::sdp_span(msg.header_value(HeaderName::ContentType), body)
+    sbc_sip::multipart::sdp_span(msg.header_value(HeaderName::ContentType), body)
 }
 
 /// Runs the relay on the SDP inside `body` and puts its result back in place: the body to
@@ -172,7 +172,7 @@ fn with_sdp(
         return Ok((out, 0..n));
     }
     let at = span.start..span.start + out.len();
-    Ok((crate::multipart::splice(body, span, &out), at))
+    Ok((sbc_sip::multipart::splice(body, span, &out), at))
 }
 
 fn side_bit(side: Side) -> u8 {

@@ -76,6 +76,7 @@ impl fmt::Display for Transport {
 pub mod addr;
 pub mod edit;
 pub mod message;
+pub mod multipart;
 pub mod scan;
 pub mod uri;
 pub mod via;
