@@ -226,6 +226,32 @@ fn finish(rep: &mut PhaseReport, lat: &mut Latencies, started: Instant) {
     rep.seconds = started.elapsed().as_secs_f64();
 }
 
+/// The SIP socket. With port 0 the kernel's pick must not land among the media endpoints'
+/// ports on the same address (the endpoints bind later and would find one taken): picks
+/// inside `peer_base ..= peer_base + 2 x calls + 1` are held (so the next pick differs) and
+/// dropped once one outside is found, at most 64 times.
+fn signalling_socket(o: &SipCallsOpts) -> anyhow::Result<std::net::UdpSocket> {
+    let bind = || net::udp_socket(o.local, false).with_context(|| format!("binding {}", o.local));
+    if o.local.port() != 0 {
+        return bind();
+    }
+    let lo = o.layout.peer_base;
+    let hi = usize::from(lo) + 2 * o.layout.calls + 1;
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        let s = bind()?;
+        let port = s.local_addr()?.port();
+        if port < lo || usize::from(port) > hi {
+            return Ok(s);
+        }
+        held.push(s);
+    }
+    bail!(
+        "no port for SIP on {} outside the media endpoints' {lo}-{hi}",
+        o.local.ip()
+    )
+}
+
 /// Places every call and returns them with the media map (calls that failed keep their
 /// slot: the generator still binds their endpoints, and their packets count as lost).
 pub fn setup(o: SipCallsOpts) -> anyhow::Result<(Calls, MediaMap, PhaseReport)> {
@@ -235,7 +261,7 @@ pub fn setup(o: SipCallsOpts) -> anyhow::Result<(Calls, MediaMap, PhaseReport)> 
     if o.rate == 0 || o.rate > 10_000 {
         bail!("--rate must be 1..=10000");
     }
-    let sock = net::udp_socket(o.local, false).with_context(|| format!("binding {}", o.local))?;
+    let sock = signalling_socket(&o)?;
     let local_hp = net::hostport(net::advertised(sock.local_addr()?));
     let n = o.layout.calls;
     let run = std::process::id()
