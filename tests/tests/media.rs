@@ -76,6 +76,25 @@ async fn alice(lab: &Lab) -> Phone {
     p
 }
 
+/// `n` RTP packets from alice to `at_alice` (her relay address) and from the trunk to
+/// `at_trunk`, at once; returns how many of each arrived at the other end.
+async fn rtp_both_ways(
+    alice: &Phone,
+    at_alice: std::net::SocketAddr,
+    trunk: &Trunk,
+    at_trunk: std::net::SocketAddr,
+    n: u16,
+) -> (usize, usize) {
+    tokio::join!(
+        send_rtp(alice.media_socket(), at_alice, 0xa1, n),
+        send_rtp(trunk.media_socket(), at_trunk, 0x7c, n)
+    );
+    tokio::join!(
+        count_rtp(trunk.media_socket(), 0xa1),
+        count_rtp(alice.media_socket(), 0x7c)
+    )
+}
+
 /// alice calls `target` (a trunk number), with `opts`; the trunk answers 200. Returns
 /// alice's call, the INVITE as the trunk saw it, and the trunk's side of the dialog.
 async fn call_trunk(
@@ -145,14 +164,7 @@ async fn phone_to_trunk_call_relays_rtp_and_hides_the_phone() {
     assert_eq!(media.sessions(), 2);
 
     // RTP both ways, every packet arrives.
-    tokio::join!(
-        send_rtp(alice.media_socket(), at_alice, 0xa1, 100),
-        send_rtp(trunk.media_socket(), at_trunk, 0x7c, 100)
-    );
-    let (to_trunk, to_alice) = tokio::join!(
-        count_rtp(trunk.media_socket(), 0xa1),
-        count_rtp(alice.media_socket(), 0x7c)
-    );
+    let (to_trunk, to_alice) = rtp_both_ways(&alice, at_alice, trunk, at_trunk, 100).await;
     assert_eq!(to_trunk, 100, "alice -> trunk");
     assert_eq!(to_alice, 100, "trunk -> alice");
     // The two passes are a hairpin the relay joined: each packet crossed it once, from one
@@ -341,15 +353,8 @@ async fn sdp_inside_a_multipart_body_is_anchored() {
     // And media flows through the relay both ways.
     let at_alice = call.remote_media().expect("SDP at alice");
     assert!((20400..=20499).contains(&at_alice.port()), "{at_alice}");
-    tokio::join!(
-        send_rtp(alice.media_socket(), at_alice, 0xa2, 50),
-        send_rtp(trunk.media_socket(), at_trunk, 0x7d, 50)
-    );
-    let (to_trunk, to_alice) = tokio::join!(
-        count_rtp(trunk.media_socket(), 0xa2),
-        count_rtp(alice.media_socket(), 0x7d)
-    );
-    assert_eq!((to_trunk, to_alice), (50, 50));
+    let counted = rtp_both_ways(&alice, at_alice, trunk, at_trunk, 50).await;
+    assert_eq!(counted, (50, 50), "(alice -> trunk, trunk -> alice)");
     lab.sbc.shutdown();
 }
 
