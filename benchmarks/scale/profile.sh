@@ -17,6 +17,8 @@ CALL_RATE="${CALL_RATE:-4000}"
 MEDIA_CALLS="${MEDIA_CALLS:-500}"
 SECONDS_LOAD="${SECONDS_LOAD:-10}"
 OUT="${OUT:-$ROOT/target/bench-results/profile-$(date -u +%Y%m%d-%H%M%S)}"
+# Absolute: the generated config names files under it, read by processes started elsewhere.
+OUT="$(realpath -m "$OUT")"
 BIN="${BIN_FROM:-${CARGO_TARGET_DIR:-$ROOT/target}/release}"
 SIP=127.0.0.31:26060
 ADMIN=http://127.0.0.31:29091

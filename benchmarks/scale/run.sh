@@ -49,6 +49,8 @@ MEDIA_CALLS="${MEDIA_CALLS:-100 500 1000 2000@10}"
 MEDIA_S="${MEDIA_S:-10}"
 STAMP="$(date -u +%Y%m%d-%H%M%S)"
 OUT="${OUT:-$ROOT/target/bench-results/scale-$STAMP}"
+# Absolute: the generated config names files under it, read by processes started elsewhere.
+OUT="$(realpath -m "$OUT")"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 KAMAILIO="${KAMAILIO:-/usr/sbin/kamailio}"
 
