@@ -10,6 +10,8 @@
 //! Input comes from the network: every function here works on any bytes and returns `None`
 //! for what it does not understand, which the caller treats as "no SDP to anchor".
 
+use crate::scan::{skip_lws, skip_quoted, trim};
+use memchr::memmem;
 use std::ops::Range;
 
 /// Where the SDP is in `body`, given the message's Content-Type (`None`: no header). The
@@ -36,11 +38,12 @@ pub fn sdp_span(content_type: Option<&[u8]>, body: &[u8]) -> Option<Range<usize>
 
 /// The body with `span` replaced by `replacement`.
 pub fn splice(body: &[u8], span: Range<usize>, replacement: &[u8]) -> Vec<u8> {
-    let (start, end) = (span.start.min(body.len()), span.end.min(body.len()));
+    let start = span.start.min(body.len());
+    let end = span.end.clamp(start, body.len());
     let mut out = Vec::with_capacity(body.len() - (end - start) + replacement.len());
     out.extend_from_slice(&body[..start]);
     out.extend_from_slice(replacement);
-    out.extend_from_slice(&body[end.max(start)..]);
+    out.extend_from_slice(&body[end..]);
     out
 }
 
@@ -68,12 +71,15 @@ fn param<'a>(mut params: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
             continue;
         };
         let key = trim(&params[..eq]);
-        let rest = trim_start(&params[eq + 1..]);
-        let (value, after) = if let Some(quoted) = rest.strip_prefix(b"\"") {
-            let close = quoted.iter().position(|&b| b == b'"')?;
-            let after = &quoted[close + 1..];
+        let rest = &params[skip_lws(params, eq + 1)..];
+        let (value, after) = if rest.first() == Some(&b'"') {
+            let past = skip_quoted(rest, 0)?;
+            let after = &rest[past..];
             let next = after.iter().position(|&b| b == b';');
-            (&quoted[..close], next.map_or(&[][..], |n| &after[n + 1..]))
+            (
+                &rest[1..past - 1],
+                next.map_or(&[][..], |n| &after[n + 1..]),
+            )
         } else {
             let end = rest.iter().position(|&b| b == b';').unwrap_or(rest.len());
             (trim(&rest[..end]), rest.get(end + 1..).unwrap_or_default())
@@ -98,15 +104,9 @@ fn sdp_part(boundary: &[u8], body: &[u8]) -> Option<Range<usize>> {
     delim.extend_from_slice(b"--");
     delim.extend_from_slice(boundary);
     // Delimiter lines: at the start of the body or of a line.
-    let mut lines = Vec::new();
-    let mut at = 0;
-    while let Some(i) = find(&body[at..], &delim) {
-        let pos = at + i;
-        if pos == 0 || body[pos - 1] == b'\n' {
-            lines.push(pos);
-        }
-        at = pos + delim.len();
-    }
+    let lines: Vec<usize> = memmem::find_iter(body, &delim)
+        .filter(|&pos| pos == 0 || body[pos - 1] == b'\n')
+        .collect();
     for pair in lines.windows(2) {
         let (open, next) = (pair[0], pair[1]);
         let after = &body[open + delim.len()..];
@@ -144,10 +144,10 @@ fn split_part(part: &[u8]) -> Option<(usize, usize)> {
     if part.starts_with(b"\n") {
         return Some((0, 1));
     }
-    if let Some(i) = find(part, b"\r\n\r\n") {
+    if let Some(i) = memmem::find(part, b"\r\n\r\n") {
         return Some((i, i + 4));
     }
-    find(part, b"\n\n").map(|i| (i, i + 2))
+    memmem::find(part, b"\n\n").map(|i| (i, i + 2))
 }
 
 fn part_is_sdp(headers: &[u8]) -> bool {
@@ -161,30 +161,6 @@ fn part_is_sdp(headers: &[u8]) -> bool {
                 .0
                 .eq_ignore_ascii_case(b"application/sdp")
     })
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    if needle.is_empty() || hay.len() < needle.len() {
-        return None;
-    }
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
-fn trim_start(b: &[u8]) -> &[u8] {
-    let i = b
-        .iter()
-        .position(|c| !c.is_ascii_whitespace())
-        .unwrap_or(b.len());
-    &b[i..]
-}
-
-fn trim(b: &[u8]) -> &[u8] {
-    let b = trim_start(b);
-    let j = b
-        .iter()
-        .rposition(|c| !c.is_ascii_whitespace())
-        .map_or(0, |j| j + 1);
-    &b[..j]
 }
 
 #[cfg(test)]
