@@ -899,28 +899,20 @@ impl Worker {
             return Err(ne.release);
         };
         let token = slot_token(idx, gen);
-        let mut twin = ne.twin;
-        let twin_fd = twin.as_ref().map_or(-1, |t| t.as_raw_fd());
-        if let Some(ring) = self.uring.as_deref_mut() {
-            // A refusal arrives as the receive's completion (see on_received).
-            ring.arm_recv(fd, token);
-            if twin_fd >= 0 {
-                ring.arm_recv(twin_fd, token | TWIN_BIT);
-            }
-        } else {
-            if let Err(e) = self.epoll.add_edge(fd, token) {
-                tracing::error!(error = %e, "epoll_ctl ADD failed; stream not relayed");
-                self.free.push(idx);
-                return Err(ne.release);
-            }
-            if twin_fd >= 0 {
-                if let Err(e) = self.epoll.add_edge(twin_fd, token | TWIN_BIT) {
-                    // The stream works without it, unconnected.
-                    tracing::debug!(error = %e, "epoll_ctl ADD of the second socket failed");
-                    twin = None;
-                }
-            }
+        if let Err(e) = watch(self.uring.as_deref_mut(), &self.epoll, fd, token) {
+            tracing::error!(error = %e, "epoll_ctl ADD failed; stream not relayed");
+            self.free.push(idx);
+            return Err(ne.release);
         }
+        // The stream works without its twin, unconnected.
+        let (uring, epoll) = (&mut self.uring, &self.epoll);
+        let twin = ne.twin.filter(|t| {
+            watch(uring.as_deref_mut(), epoll, t.as_raw_fd(), token | TWIN_BIT)
+                .inspect_err(
+                    |e| tracing::debug!(error = %e, "epoll_ctl ADD of the second socket failed"),
+                )
+                .is_ok()
+        });
         let twin_fd = twin.as_ref().map_or(-1, |t| t.as_raw_fd());
         let partner_id = ne.id.partner();
         let partner = wc
@@ -1078,15 +1070,15 @@ impl Worker {
         }
         if reset && ep.learned.is_some() {
             ep.learned = None;
+            // Until a source is latched again, packets leave unconnected toward the SDP's
+            // address. The twin stays connected: the old source's packets still reach it and
+            // are judged as on the first socket.
+            ep.via_twin = false;
             let mut addrs = ep.counters.addrs.lock();
             addrs.learned = None;
             addrs.connected = false;
         }
         ep.dest = ep.learned.or(ep.advertised).map(|a| RawAddr::new(&a));
-        // Until a source is latched again, packets leave unconnected toward the SDP's
-        // address. The twin stays connected: the old source's packets still reach it and
-        // are judged as on the first socket.
-        ep.via_twin = ep.learned.is_some() && ep.learned == ep.twin_peer;
     }
 
     /// Closes a call's sockets (so their ports are really free) and then returns the ports.
@@ -1168,6 +1160,18 @@ impl Worker {
 /// for a socket removed since (whose slot was reused) is recognised as stale.
 fn slot_token(idx: u32, gen: u32) -> u64 {
     (u64::from(gen) << 32) | u64::from(idx)
+}
+
+/// Starts receiving on `fd` under `token`: a multishot receive on the ring (a refusal arrives
+/// as its completion, see `Worker::on_received`), else an edge-triggered epoll entry.
+fn watch(uring: Option<&mut Ring>, epoll: &Epoll, fd: RawFd, token: u64) -> std::io::Result<()> {
+    match uring {
+        Some(ring) => {
+            ring.arm_recv(fd, token);
+            Ok(())
+        }
+        None => epoll.add_edge(fd, token),
+    }
 }
 
 /// Marks a token as the endpoint's second socket (its twin): same slot, other descriptor.
