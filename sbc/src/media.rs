@@ -18,6 +18,7 @@ use parking_lot::Mutex;
 use sbc_media_relay::{CallKey, MediaError, Relay, Side};
 use sbc_sip::message::{HeaderName, Message, Method};
 use smallvec::SmallVec;
+use std::ops::Range;
 use std::sync::Arc;
 
 /// The relay plus the caller tags that key its calls.
@@ -141,31 +142,26 @@ pub enum MediaAction {
 
 /// Whether a message carries SDP we must anchor.
 pub fn has_sdp(msg: &Message) -> bool {
-    has_sdp_body(msg, msg.body())
+    sdp_span(msg, msg.body()).is_some()
 }
 
-/// [`has_sdp`] for a body that replaces the message's own (the SDP one relay pass produced,
-/// handed to the next pass when the SBC skips a dead PBX between two passes).
-fn has_sdp_body(msg: &Message, body: &[u8]) -> bool {
-    sdp_span(msg, body).is_some()
-}
-
-/// Where the SDP is in `body`: all of it, or one part of a multipart body (see
-/// [`sbc_sip::multipart`]).
-fn sdp_span(msg: &Message, body: &[u8]) -> Option<std::ops::Range<usize>> {
+/// Where the SDP is in `body` (the message's own, or one that replaces it: the SDP one relay
+/// pass produced, handed to the next pass when the SBC skips a dead PBX between two passes):
+/// all of it, or one part of a multipart body (see [`sbc_sip::multipart`]).
+fn sdp_span(msg: &Message, body: &[u8]) -> Option<Range<usize>> {
     sbc_sip::multipart::sdp_span(msg.header_value(HeaderName::ContentType), body)
 }
 
-/// Runs the relay on the SDP inside `body` and puts its result back in place: the body to
-/// forward and where the SDP sits in it (what was sent, for [`MediaAnchor::sent_sdp`]).
+/// Runs the relay on the SDP at `span` in `body` and puts its result back in place: the body
+/// to forward and where the SDP sits in it (what was sent, for [`MediaAnchor::sent_sdp`]).
 fn with_sdp(
-    msg: &Message,
     body: &[u8],
+    span: Range<usize>,
     relay: impl FnOnce(&[u8]) -> Result<Vec<u8>, MediaError>,
-) -> Result<(Vec<u8>, std::ops::Range<usize>), MediaError> {
-    let no_sdp = || MediaError::Sdp(sbc_media_relay::sdp::SdpError::Empty);
-    let span = sdp_span(msg, body).ok_or_else(no_sdp)?;
-    let sdp = body.get(span.clone()).ok_or_else(no_sdp)?;
+) -> Result<(Vec<u8>, Range<usize>), MediaError> {
+    let sdp = body
+        .get(span.clone())
+        .ok_or(MediaError::Sdp(sbc_media_relay::sdp::SdpError::Empty))?;
     let out = relay(sdp)?;
     if span.start == 0 && span.end == body.len() {
         let n = out.len();
@@ -276,14 +272,14 @@ impl MediaAnchor {
             self.release(call_id, &key, side);
             return MediaAction::Pass;
         }
-        if !has_sdp_body(msg, body) {
+        let Some(span) = sdp_span(msg, body) else {
             return MediaAction::Pass;
-        }
+        };
         let initial = method == Method::Invite && msg.to_tag().is_none();
         match method {
             Method::Invite | Method::Update => {
                 let (key, side) = self.key(call_id, from_tag, in_side, out_side, initial);
-                let offered = with_sdp(msg, body, |sdp| {
+                let offered = with_sdp(body, span, |sdp| {
                     self.relay
                         .offer(&key, text(from_tag), in_side, out_side, sdp)
                 });
@@ -305,7 +301,7 @@ impl MediaAnchor {
             Method::Ack | Method::Prack => {
                 let to_tag = msg.to_tag().unwrap_or_default();
                 let (key, side) = self.key(call_id, from_tag, in_side, out_side, false);
-                let answered = with_sdp(msg, body, |sdp| {
+                let answered = with_sdp(body, span, |sdp| {
                     self.relay.answer(&key, text(to_tag), text(from_tag), sdp)
                 });
                 match answered {
@@ -368,12 +364,15 @@ impl MediaAnchor {
             }
             return MediaAction::Pass;
         }
-        if status < 180 || !has_sdp_body(msg, body) {
+        if status < 180 {
             return MediaAction::Pass;
         }
+        let Some(span) = sdp_span(msg, body) else {
+            return MediaAction::Pass;
+        };
         let to_tag = msg.to_tag().unwrap_or_default();
         let (key, side) = self.key(call_id, from_tag, req_in, req_out, initial);
-        let result = with_sdp(msg, body, |sdp| {
+        let result = with_sdp(body, span, |sdp| {
             if request_offered {
                 self.relay.answer(&key, text(from_tag), text(to_tag), sdp)
             } else {
