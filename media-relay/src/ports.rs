@@ -10,9 +10,9 @@
 //! the port); then `SO_REUSEPORT` is set on both for the second bind and cleared again right
 //! after it: a third socket (another process of the same user, a second SBC on the same range)
 //! then gets "address in use" as it would without the twin, and the kernel picks between the
-//! two by plain lookup score. Once the worker `connect`s the twin to the
-//! latched source, that source's datagrams go to the twin (a connected socket outscores an
-//! unconnected one) and everything else still reaches the first socket.
+//! two by plain lookup score. Once the worker `connect`s the twin to the latched source, that
+//! source's datagrams go to the twin (a connected socket outscores an unconnected one) and
+//! everything else still reaches the first socket.
 
 use std::collections::VecDeque;
 use std::io;
