@@ -19,6 +19,12 @@ RELAY_NAMES = {
     "sbc-base": "SBC relay, BASE_BIN",
     "rtpengine": "rtpengine 10.5",
 }
+# "+tick": the same relay with the generator reading arrivals once per tick (gen --rx-on-tick).
+RELAY_NAMES.update({k + "+tick": v + ", gen rx on tick" for k, v in list(RELAY_NAMES.items())})
+
+
+def suffix(relay):
+    return "+tick" if relay.endswith("+tick") else ""
 
 
 def med(xs):
@@ -52,7 +58,7 @@ def main():
     def added(relay, s, field):
         vals = []
         for rnd in rounds:
-            a, d = runs.get((relay, s, rnd)), runs.get(("direct", s, rnd))
+            a, d = runs.get((relay, s, rnd)), runs.get(("direct" + suffix(relay), s, rnd))
             if a and d:
                 vals.append(a[field] - d[field])
         return med(vals)
@@ -81,8 +87,8 @@ def main():
                 "lat_p50_us": med([r["lat_p50_us"] for r in rs]),
                 "lat_p99_us": med([r["lat_p99_us"] for r in rs]),
                 "lat_max_us": med([r["lat_max_us"] for r in rs]),
-                "added_p50_us": added(relay, s, "lat_p50_us") if relay != "direct" else None,
-                "added_p99_us": added(relay, s, "lat_p99_us") if relay != "direct" else None,
+                "added_p50_us": added(relay, s, "lat_p50_us") if not relay.startswith("direct") else None,
+                "added_p99_us": added(relay, s, "lat_p99_us") if not relay.startswith("direct") else None,
                 "loss_pct": med([r["loss_pct"] for r in rs]),
                 "lost_total": sum(r["lost"] for r in rs),
                 "rss_call_setup_kib": med([r["rss_per_call_setup_kib"] for r in rs]),
@@ -105,12 +111,12 @@ def main():
                  "| added p99 us | target < 1000 us (at 1,000) |")
     lines.append("|---|---|---|---|---|---|---|")
     for s in streams_list:
-        for ours in ("sbc", "sbc-base"):
+        for ours in ("sbc", "sbc-base", "sbc+tick", "sbc-base+tick"):
             if ours not in relays:
                 continue
             per_round = []
             for rnd in rounds:
-                a, b = runs.get((ours, s, rnd)), runs.get(("rtpengine", s, rnd))
+                a, b = runs.get((ours, s, rnd)), runs.get(("rtpengine" + suffix(ours), s, rnd))
                 if a and b and a.get("pps_per_core") and b.get("pps_per_core"):
                     per_round.append(a["pps_per_core"] / b["pps_per_core"])
             ratio = med(per_round)

@@ -27,7 +27,13 @@
 #   STREAMS ["100 1000"]     stream counts (even; calls = streams / 2)
 #   PPS [50]                 packets/s per stream (20 ms PCMU)
 #   TICK_US [1000]           generator pacing tick
-#   RELAYS ["direct sbc rtpengine"]  (add sbc-base to also run BASE_BIN's relay-host)
+#   RELAYS ["direct sbc rtpengine"]  (add sbc-base to also run BASE_BIN's relay-host). A
+#                            name ending in "+tick" (direct+tick, sbc+tick, rtpengine+tick,
+#                            sbc-base+tick) runs the same relay with `gen --rx-on-tick`: the
+#                            generator reads arrivals once per tick instead of sleeping on its
+#                            sockets, so a relay's sends do not pay for waking it (loopback
+#                            delivers in the sender's context; a far end on another host costs
+#                            the relay no wake-up). Both kinds may share a set.
 #   BASE_BIN []              a media-bench binary of another build (e.g. before a relay
 #                            change), run as relay "sbc-base" in the same rounds
 #   SBC_WORKERS [1]          forwarding threads of our relay (it has one core)
@@ -150,6 +156,10 @@ one_run() { # relay streams run
   local calls=$((streams / 2))
   local name="$relay-$streams-$run"
   local map="$OUT/$name.map.json"
+  local gen_args=("${gen_args[@]}")
+  case $relay in
+    *+tick) relay=${relay%+tick}; gen_args+=(--rx-on-tick) ;;
+  esac
   wait_for_quiet
   echo "== $name: $streams streams ($calls calls) x $PPS pps, ${DURATION}s (load avg $(cut -d' ' -f1-3 /proc/loadavg))"
   case $relay in

@@ -465,6 +465,12 @@ pub struct GenOpts {
     pub tick_us: u32,
     /// Core the relay is pinned to, for the core-busy figure.
     pub relay_core: usize,
+    /// Read arrivals once per tick instead of sleeping on the endpoints' sockets. On
+    /// loopback the kernel delivers a packet in its sender's context, so a relay that sends
+    /// while the generator sleeps in `epoll_wait` also pays for waking the generator: the
+    /// measuring tool's wake-up charged to the relay, which a far end on another host never
+    /// costs. The kernel stamps arrivals, so reading late leaves the latency figures alone.
+    pub rx_on_tick: bool,
     pub label: String,
 }
 
@@ -479,6 +485,8 @@ pub struct GenReport {
     pub seconds: u32,
     pub warmup: u32,
     pub tick_us: u32,
+    /// Arrivals read once per tick (`GenOpts::rx_on_tick`) rather than on wake-up.
+    pub rx_on_tick: bool,
     /// Packets sent in the measured window.
     pub sent: u64,
     /// Of those, received at the far endpoint (through the relay, or directly).
@@ -734,7 +742,16 @@ pub fn gen(o: GenOpts) -> anyhow::Result<GenReport> {
     let tick_ns = u64::from(o.tick_us.clamp(50, 20_000)) * 1000;
     let timer = TimerFd::periodic(tick_ns)?;
     const TIMER: u64 = u64::MAX;
-    epoll.add(timer.0, TIMER)?;
+    // With rx_on_tick the generator sleeps on the timer alone and looks at the sockets
+    // without waiting, so nothing the relay sends has a sleeper to wake.
+    let tick_epoll = Epoll::new()?;
+    if o.rx_on_tick {
+        tick_epoll.add(timer.0, TIMER)?;
+    } else {
+        epoll.add(timer.0, TIMER)?;
+    }
+    let mut tick_events = [libc::epoll_event { events: 0, u64: 0 }; 1];
+    let mut backlog = false;
     for (i, s) in socks.iter().enumerate() {
         epoll.add(s.as_raw_fd(), i as u64)?;
     }
@@ -774,7 +791,16 @@ pub fn gen(o: GenOpts) -> anyhow::Result<GenReport> {
     let (mut start_sample, mut end_sample, mut rss_end) = (None, None, None);
     let load_start = loadavg();
     loop {
-        let n = epoll.wait(&mut events, 10);
+        let n = if o.rx_on_tick {
+            if !backlog && tick_epoll.wait(&mut tick_events, 10) > 0 {
+                timer.drain();
+            }
+            let n = epoll.wait(&mut events, 0);
+            backlog = n == events.len();
+            n
+        } else {
+            epoll.wait(&mut events, 10)
+        };
         for ev in &events[..n] {
             if ev.u64 == TIMER {
                 timer.drain();
@@ -883,6 +909,7 @@ pub fn gen(o: GenOpts) -> anyhow::Result<GenReport> {
         seconds: o.seconds,
         warmup: o.warmup,
         tick_us: (tick_ns / 1000) as u32,
+        rx_on_tick: o.rx_on_tick,
         sent,
         received,
         lost,
@@ -999,26 +1026,31 @@ mod tests {
 
     #[test]
     fn direct_run_on_loopback_delivers_everything() {
-        let l = Layout {
-            calls: 4,
-            a_ip: "127.0.0.2".parse().unwrap(),
-            b_ip: "127.0.0.3".parse().unwrap(),
-            peer_base: 36000 + (std::process::id() % 1000) as u16 * 8,
-        };
-        let r = gen(GenOpts {
-            map: None,
-            layout: l,
-            pps: 50,
-            seconds: 1,
-            warmup: 0,
-            tick_us: 1000,
-            relay_core: 0,
-            label: "test".into(),
-        })
-        .unwrap();
-        assert_eq!(r.sent, 8 * 50);
-        assert_eq!(r.received, r.sent);
-        assert_eq!(r.misrouted + r.duplicates, 0);
-        assert!(r.lat_p50_us > 0.0);
+        // Both ways of reading arrivals: on wake-up, and once per tick.
+        for (i, rx_on_tick) in [false, true].into_iter().enumerate() {
+            let l = Layout {
+                calls: 4,
+                a_ip: "127.0.0.2".parse().unwrap(),
+                b_ip: "127.0.0.3".parse().unwrap(),
+                peer_base: 36000 + (std::process::id() % 1000) as u16 * 8 + i as u16 * 8_000,
+            };
+            let r = gen(GenOpts {
+                map: None,
+                layout: l,
+                pps: 50,
+                seconds: 1,
+                warmup: 0,
+                tick_us: 1000,
+                relay_core: 0,
+                rx_on_tick,
+                label: "test".into(),
+            })
+            .unwrap();
+            assert_eq!(r.sent, 8 * 50);
+            assert_eq!(r.received, r.sent, "rx_on_tick {rx_on_tick}");
+            assert_eq!(r.misrouted + r.duplicates, 0);
+            assert!(r.lat_p50_us > 0.0);
+            assert_eq!(r.rx_on_tick, rx_on_tick);
+        }
     }
 }

@@ -49,6 +49,7 @@ fn sip_calls(a: SipCallsArgs) -> anyhow::Result<()> {
             warmup: if w == 0 { a.warmup } else { 0 },
             tick_us: a.tick_us,
             relay_core: a.relay_core,
+            rx_on_tick: false,
             label: format!("{}-w{w}", a.label),
         });
         match r {
@@ -243,6 +244,10 @@ enum Cmd {
         /// Core the relay is pinned to (for its core's busy share).
         #[arg(long, default_value_t = 1)]
         relay_core: usize,
+        /// Read arrivals once per tick instead of sleeping on the sockets, so that the
+        /// relay's sends never pay for waking the generator (see `GenOpts::rx_on_tick`).
+        #[arg(long)]
+        rx_on_tick: bool,
         #[arg(long, default_value = "run")]
         label: String,
         #[arg(long)]
@@ -333,6 +338,7 @@ fn main() -> anyhow::Result<()> {
             warmup,
             tick_us,
             relay_core,
+            rx_on_tick,
             label,
             json,
         } => {
@@ -355,6 +361,7 @@ fn main() -> anyhow::Result<()> {
                 warmup,
                 tick_us,
                 relay_core,
+                rx_on_tick,
                 label,
             })?;
             println!("{}", report.human());
