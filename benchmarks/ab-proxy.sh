@@ -7,6 +7,9 @@
 #   benchmarks/ab-proxy.sh OLD_BIN_DIR NEW_BIN_DIR              # 4,000 REGISTER/s, 2 rounds
 #   SCEN=call RATE=2000 benchmarks/ab-proxy.sh OLD_BIN_DIR NEW_BIN_DIR
 #   TAIL_S=35 benchmarks/ab-proxy.sh OLD_BIN_DIR NEW_BIN_DIR    # also CPU incl. the clean-up
+#   MEDIA=1 SCEN=call RATE=4000 benchmarks/ab-proxy.sh A B      # calls with media anchored
+#                    (relay on 127.0.0.31 / .32, ports 30000-39999; offer, answer and delete
+#                    per call, no RTP)
 #
 # A BIN_DIR holds sbc, sbc-uas and sbc-loadgen (e.g. target/release, or the bin/ of a
 # benchmark result). Config: benchmarks/sbc-bench.toml with ports moved to PORT_BASE.. and an
@@ -28,6 +31,27 @@ CFG=$(mktemp /tmp/sbc-ab.XXXXXX.toml)
 sed -e "s/127.0.0.1:25060/127.0.0.1:$SIP_PORT/" -e "s/:25070/:$UAS_PORT/g" \
   benchmarks/sbc-bench.toml >"$CFG"
 printf '\n[admin]\nlisten = "127.0.0.1:%s"\n' "$ADMIN_PORT" >>"$CFG"
+if [ "${MEDIA:-0}" = 1 ]; then
+  python3 - "$CFG" <<'PY'
+import re, sys
+p = sys.argv[1]
+s = open(p).read()
+media = """[media]
+enabled = true
+port_min = 30000
+port_max = 39999
+
+  [media.public]
+  address = "127.0.0.31"
+
+  [media.internal]
+  address = "127.0.0.32"
+"""
+s, n = re.subn(r"\[media\]\nenabled = false\n", media, s)
+assert n == 1, "no [media] enabled = false in the config"
+open(p, "w").write(s)
+PY
+fi
 SRC=127.0.0.11
 [ "$SCEN" = call ] && SRC=127.0.0.10
 
@@ -62,7 +86,7 @@ one() {
     c1=$(awk '{print $14 + $15}' "/proc/$sbc/stat")
     tail=" incl_tail_us/op=$(python3 -c "print(round(($c1-$c0)*1e6/$(getconf CLK_TCK)/max($ok,1),1))")"
   fi
-  echo "$label $SCEN rate=$RATE ok=$ok $cpu minflt/op=$(python3 -c "print(round(($f1-$f0)/max($ok,1),3))") rss_kib=$rss transactions=$tx$tail load=$(cut -d' ' -f1 /proc/loadavg)"
+  echo "$label $SCEN media=${MEDIA:-0} rate=$RATE ok=$ok $cpu minflt/op=$(python3 -c "print(round(($f1-$f0)/max($ok,1),3))") rss_kib=$rss transactions=$tx$tail load=$(cut -d' ' -f1 /proc/loadavg)"
   kill "$sbc" "$uas" 2>/dev/null || true
   wait "$sbc" "$uas" 2>/dev/null || true
   rm -f "$lg"
