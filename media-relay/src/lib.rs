@@ -18,8 +18,9 @@
 //! - [`MediaError::sip_status`]: 503 for port exhaustion (transient), 488 for SDP that cannot be
 //!   anchored, 481 for an unknown call.
 //!
-//! All calls are synchronous and short (a few binds, a map update, one worker wake-up); no
-//! lock is held across the wait, so they may be called from async code.
+//! All calls are short (a few binds, a map update, a queued command) and never wait for a
+//! worker, so they may be called from async code; [`Relay::flush`] waits for the workers when a
+//! caller must know a change is applied.
 //!
 //! # How the proxy calls it
 //! | SIP | call |
@@ -59,9 +60,10 @@
 //! packet path takes no lock, allocates nothing and shares nothing with other workers. A ready
 //! socket is drained with `recvmmsg` (32 per call); what is accepted leaves through the partner
 //! socket in one `sendmmsg` (symmetric RTP: each endpoint sees the relay's socket facing it as
-//! source). Control changes travel on a queue with an eventfd doorbell; `offer`/`answer`/
-//! `delete` return once the worker has applied them, so media follows the SDP the proxy is
-//! about to forward. Counters flow back as single-writer atomics, published once per batch.
+//! source). Control changes travel on a queue; only those that bring new sockets ring the
+//! eventfd doorbell, the rest wait for the worker's next pass (a packet, another command, the
+//! sweep timer). Every pass applies the queue before it handles a packet, so a packet sent in
+//! reply to an SDP the proxy forwarded is relayed by that SDP. Counters flow back as single-writer atomics, published once per batch.
 //! Bytes are forwarded untouched (SRTP passes through; a=crypto is kept).
 //!
 //! With [`RelayConfig::io`] = [`IoBackend::Uring`] the workers use io_uring instead of epoll:
@@ -82,8 +84,9 @@
 //!
 //! **Ports.** Even RTP, odd RTCP = RTP + 1, from each side's range, bound when allocated (a
 //! port taken by another process is skipped), released to the back of the queue after the
-//! sockets are closed. An offer that cannot get every pair it needs changes nothing and fails
-//! with [`MediaError::PortsExhausted`].
+//! sockets are closed (by the worker, at its next pass after the delete). An offer that cannot
+//! get every pair it needs waits for the deletes in flight, tries once more, and otherwise
+//! changes nothing and fails with [`MediaError::PortsExhausted`].
 //!
 //! **SDP versions.** Each leg keeps an [`sdp::OriginTracker`]: the o= version we send follows
 //! the sender's (identical SDP keeps the version, a sender's +n gives +n) and grows by one when

@@ -8,7 +8,7 @@
 //! leg 1's pair to leg 1's endpoint, and the reverse. SDP sent to a leg names that leg's pairs.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -211,6 +211,9 @@ pub(crate) struct Shared {
     port_owner: Mutex<AHashMap<u16, CallKey>>,
     events: mpsc::UnboundedSender<MediaEvent>,
     timeouts: AtomicU64,
+    /// Deletes queued to a worker and not yet applied: their ports are not back in the pool
+    /// yet, so an offer that finds the pool empty waits for them before it gives up.
+    pub removing: AtomicUsize,
 }
 
 impl Shared {
@@ -272,11 +275,12 @@ impl Relay {
             port_owner: Mutex::new(AHashMap::default()),
             events: tx,
             timeouts: AtomicU64::new(0),
+            removing: AtomicUsize::new(0),
         });
         let mut workers = Vec::with_capacity(n);
         let mut threads = Vec::with_capacity(n);
         for i in 0..n {
-            let queue = Arc::new(Mutex::new(Vec::new()));
+            let queue = Arc::new(Mutex::new(crate::worker::Queue::default()));
             let wake = Arc::new(crate::sys::EventFd::new()?);
             let totals = Arc::new(WorkerTotals::default());
             let worker = Worker::new(
@@ -297,14 +301,11 @@ impl Relay {
         }
         // Wait until every worker runs with its I/O backend set up (an io_uring ring and its
         // buffers, or epoll): `totals().uring_workers` is then final, and that memory is the
-        // relay's own, not the first calls'. Removing call 0 (no such call) is a no-op that
-        // is acknowledged once the worker has taken its first commands.
+        // relay's own, not the first calls'. A barrier is acknowledged once the worker has
+        // taken its first commands.
         for w in &workers {
             let (done, applied) = std::sync::mpsc::sync_channel(1);
-            w.send(Command::Remove {
-                call: 0,
-                done: Some(done),
-            });
+            w.send(Command::Barrier { done });
             let _ = applied.recv_timeout(Duration::from_secs(2));
         }
         tracing::info!(
@@ -336,7 +337,34 @@ impl Relay {
     /// from the other party) keeps every port already allocated, so the far end never sees the
     /// media address move; new m= lines get new pairs. On any error nothing is allocated or
     /// changed.
+    ///
+    /// Returns without waiting for the media worker: it applies the change before it handles
+    /// any packet that arrives after this call returned (commands come first in each of its
+    /// passes), which is every packet the peer sends in reply to the SDP returned here. The
+    /// SIP path then never waits on the media path: under load that wait was a context
+    /// switch each way per offer, up to the worker's coalescing wait (200 us) while media
+    /// flows. [`Relay::flush`] waits when a caller needs the change applied.
     pub fn offer(
+        &self,
+        call: &CallKey,
+        offerer_tag: &str,
+        offer_side: Side,
+        answer_side: Side,
+        sdp: &[u8],
+    ) -> Result<Vec<u8>, MediaError> {
+        match self.offer_once(call, offerer_tag, offer_side, answer_side, sdp) {
+            // Ports of calls deleted a moment ago come back when their worker has closed the
+            // sockets: wait for that once before answering "exhausted".
+            Err(MediaError::PortsExhausted { .. }) if self.shared.removing.load(Relaxed) > 0 => {
+                tracing::debug!(call = %call, "pool empty: waiting for the deletes in flight");
+                self.flush();
+                self.offer_once(call, offerer_tag, offer_side, answer_side, sdp)
+            }
+            r => r,
+        }
+    }
+
+    fn offer_once(
         &self,
         call: &CallKey,
         offerer_tag: &str,
@@ -409,7 +437,9 @@ impl Relay {
                     Some(pair) => bound.push((i, leg, pair)),
                     None => {
                         self.give_back(bound, session.legs.each_ref().map(|l| l.side));
-                        tracing::warn!(call = %call, %side, "RTP ports exhausted");
+                        if self.shared.removing.load(Relaxed) == 0 {
+                            tracing::warn!(call = %call, %side, "RTP ports exhausted");
+                        }
                         return Err(MediaError::PortsExhausted { side });
                     }
                 }
@@ -442,21 +472,26 @@ impl Relay {
         let timeout_ns = self.timeout_of(session);
         let (uid, worker) = (session.uid, session.worker);
         tracing::debug!(call = %call, leg = from, create, media = parsed.media.len(), "offer anchored");
-        let (done, applied) = std::sync::mpsc::sync_channel(1);
-        self.workers[worker].send(Command::Apply {
+        // Queued under the sessions lock: two offers or answers of one call reach the worker
+        // in the order they changed the session. New sockets need the worker to read them;
+        // a re-offer on the call's sockets can wait for its next pass.
+        let urgent = create || !new.is_empty();
+        let cmd = Command::Apply {
             call: uid,
             key: call.clone(),
             create,
-            new,
-            updates,
             timeout_ns,
-            done: Some(done),
-        });
+            updates,
+            new,
+        };
+        if urgent {
+            self.workers[worker].send(cmd);
+        } else {
+            self.workers[worker].send_lazy(cmd);
+        }
         if let Some(s) = fresh {
             sessions.insert(call.clone(), s);
         }
-        drop(sessions);
-        self.wait_applied(applied, call);
         Ok(out)
     }
 
@@ -467,6 +502,7 @@ impl Relay {
     /// answer: a 183 with SDP (early media), then the 200 (same or different SDP, same or
     /// another fork's tag: a new tag replaces the old answerer and its latched address), an
     /// answer in an ACK or PRACK, the answer to a re-INVITE or UPDATE from either party.
+    /// Like [`Relay::offer`], it does not wait for the worker.
     pub fn answer(
         &self,
         call: &CallKey,
@@ -506,44 +542,57 @@ impl Relay {
         session.legs[from].held = parsed.is_held();
         session.answered = true;
         let timeout_ns = self.timeout_of(session);
-        let (done, applied) = std::sync::mpsc::sync_channel(1);
-        self.workers[session.worker].send(Command::Apply {
+        self.workers[session.worker].send_lazy(Command::Apply {
             call: session.uid,
             key: call.clone(),
             create: false,
             new: Vec::new(),
             updates,
             timeout_ns,
-            done: Some(done),
         });
-        drop(sessions);
-        self.wait_applied(applied, call);
         Ok(out)
     }
 
-    /// Waits (without any lock held) until the worker has applied a change, so that when
-    /// offer/answer/delete return, forwarding already follows the new SDP: the proxy sends the
-    /// rewritten SDP on only then, and the peer's first packet to the new ports is relayed.
-    /// One worker wake-up, tens of microseconds; bounded in case a worker is wedged.
-    fn wait_applied(&self, applied: std::sync::mpsc::Receiver<()>, call: &CallKey) {
+    /// Waits (without any lock held) until the worker has applied a change. One worker
+    /// wake-up; bounded in case a worker is wedged.
+    fn wait_applied(&self, applied: std::sync::mpsc::Receiver<()>, what: &dyn fmt::Display) {
         if applied.recv_timeout(Duration::from_secs(2)).is_err() {
-            tracing::warn!(call = %call, "media worker slow to apply a change");
+            tracing::warn!(%what, "media worker slow to apply a change");
         }
     }
 
-    /// Ends a call's media: closes its sockets and returns its ports. Returns once the ports
-    /// are back in the pool (one worker wake-up, microseconds), so an offer right after it can
-    /// use them. Idempotent: false when the call was not known.
+    /// Returns once every worker has applied every offer, answer and delete queued before
+    /// this call: their sockets relay by the new SDP, and deleted calls' ports are back in the
+    /// pool. Offer, answer and delete do not wait for that themselves (see [`Relay::offer`]);
+    /// this is for a caller that must know, such as a test reading the pool.
+    pub fn flush(&self) {
+        if self.closed.load(Relaxed) {
+            return;
+        }
+        let waits: Vec<_> = self
+            .workers
+            .iter()
+            .map(|w| {
+                let (done, applied) = std::sync::mpsc::sync_channel(1);
+                w.send(Command::Barrier { done });
+                applied
+            })
+            .collect();
+        for applied in waits {
+            self.wait_applied(applied, &"flush");
+        }
+    }
+
+    /// Ends a call's media: its sockets close and its ports go back to the pool when the
+    /// worker takes the command (without waiting for it; an offer that finds the pool empty
+    /// meanwhile waits for these deletes first). Idempotent: false when the call was not
+    /// known.
     pub fn delete(&self, call: &CallKey) -> bool {
         let Some(session) = self.shared.sessions.lock().remove(call) else {
             return false;
         };
-        let (done, applied) = std::sync::mpsc::sync_channel(1);
-        self.workers[session.worker].send(Command::Remove {
-            call: session.uid,
-            done: Some(done),
-        });
-        self.wait_applied(applied, call);
+        self.shared.removing.fetch_add(1, Relaxed);
+        self.workers[session.worker].send_lazy(Command::Remove { call: session.uid });
         tracing::debug!(call = %call, "media deleted");
         true
     }

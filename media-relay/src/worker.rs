@@ -92,12 +92,15 @@ pub(crate) enum Command {
         new: Vec<NewEndpoint>,
         updates: Vec<EndpointUpdate>,
         timeout_ns: u64,
-        done: Option<SyncSender<()>>,
     },
-    /// Close the call's sockets and return its ports; acknowledge when done.
+    /// Close the call's sockets and return its ports (queued by `Relay::delete`, which counts
+    /// it in `Shared::removing`).
     Remove {
         call: u64,
-        done: Option<SyncSender<()>>,
+    },
+    /// Acknowledge: everything queued before it has been applied (`Relay::flush`).
+    Barrier {
+        done: SyncSender<()>,
     },
     /// Join two calls of a hairpin (a PBX bridged them and left media end to end): packets
     /// from `a`'s leg `a_leg` leave through `b`'s leg `b_leg` sockets and back, one hop
@@ -123,17 +126,46 @@ pub(crate) struct WorkerTotals {
     pub uring: AtomicBool,
 }
 
+/// Commands for a worker, and whether its eventfd has been written since it last took them.
+#[derive(Default)]
+pub(crate) struct Queue {
+    cmds: Vec<Command>,
+    notified: bool,
+}
+
 /// The control side's handle to a worker.
 pub(crate) struct WorkerHandle {
-    pub queue: Arc<Mutex<Vec<Command>>>,
+    pub queue: Arc<Mutex<Queue>>,
     pub wake: Arc<EventFd>,
     pub totals: Arc<WorkerTotals>,
 }
 
 impl WorkerHandle {
+    /// Queues a command the worker must see soon: new sockets (nothing reads them until the
+    /// worker does), a barrier, a join, shutdown. Only the first such command since the
+    /// worker's last take writes the eventfd: the worker drains the eventfd before it takes
+    /// the whole queue, so a command queued meanwhile is taken with the others, and one
+    /// queued after the take writes it again. A burst of calls costs one wake-up.
     pub fn send(&self, cmd: Command) {
-        self.queue.lock().push(cmd);
-        self.wake.notify();
+        let ring = {
+            let mut q = self.queue.lock();
+            q.cmds.push(cmd);
+            !std::mem::replace(&mut q.notified, true)
+        };
+        if ring {
+            self.wake.notify();
+        }
+    }
+
+    /// Queues a command that can wait for the worker's next pass, whatever wakes it (a
+    /// packet, a command sent with [`WorkerHandle::send`], the sweep timer, at most a second
+    /// away): an answer or a re-offer on existing sockets, a delete. Every pass applies the
+    /// queue before it handles a packet, so no packet is relayed by an SDP that an applied
+    /// command would have changed; a delete's sockets close and its ports come back by the
+    /// next pass (`Relay::flush` forces it). On this VM a wake-up costs more than the
+    /// command: this takes two of the three per call off the worker.
+    pub fn send_lazy(&self, cmd: Command) {
+        self.queue.lock().cmds.push(cmd);
     }
 }
 
@@ -347,7 +379,7 @@ impl Drop for Ack {
 
 pub(crate) struct Worker {
     shared: Arc<Shared>,
-    queue: Arc<Mutex<Vec<Command>>>,
+    queue: Arc<Mutex<Queue>>,
     wake: Arc<EventFd>,
     totals: Arc<WorkerTotals>,
     epoll: Epoll,
@@ -376,7 +408,7 @@ pub(crate) struct Worker {
 impl Worker {
     pub fn new(
         shared: Arc<Shared>,
-        queue: Arc<Mutex<Vec<Command>>>,
+        queue: Arc<Mutex<Queue>>,
         wake: Arc<EventFd>,
         totals: Arc<WorkerTotals>,
     ) -> std::io::Result<Worker> {
@@ -471,16 +503,9 @@ impl Worker {
                     rearm_wake |= !c.more();
                 }
             }
-            // Commands first: a packet handled in this pass then already sees the latest SDP.
-            if woken {
-                self.wake.drain();
-                let cmds = std::mem::take(&mut *self.queue.lock());
-                for cmd in cmds {
-                    if !self.apply(cmd, now) {
-                        self.shutdown();
-                        return;
-                    }
-                }
+            if !self.run_commands(woken, now) {
+                self.shutdown();
+                return;
             }
             if rearm_wake {
                 if let Some(ring) = self.uring.as_deref_mut() {
@@ -669,16 +694,10 @@ impl Worker {
                 }
             };
             let now = monotonic_ns();
-            // Commands first: a packet read in this round then already sees the latest SDP.
-            if events[..n].iter().any(|ev| ev.u64 == WAKE_TOKEN) {
-                self.wake.drain();
-                let cmds = std::mem::take(&mut *self.queue.lock());
-                for cmd in cmds {
-                    if !self.apply(cmd, now) {
-                        self.shutdown();
-                        return;
-                    }
-                }
+            let woken = events[..n].iter().any(|ev| ev.u64 == WAKE_TOKEN);
+            if !self.run_commands(woken, now) {
+                self.shutdown();
+                return;
             }
             std::mem::swap(&mut self.pending, &mut self.serving);
             for ev in &events[..n] {
@@ -825,6 +844,31 @@ impl Worker {
         true
     }
 
+    /// Commands come first in every pass, so a packet handled in it already sees every SDP
+    /// change queued before the packet arrived: `Relay::offer` and `answer` return without
+    /// waiting, and the peer's reply to the SDP they return can only arrive after that. The
+    /// queue is looked at in every pass, not only when the eventfd reports, because nothing
+    /// orders that report against a packet's. False means shut down.
+    fn run_commands(&mut self, woken: bool, now: u64) -> bool {
+        if woken {
+            self.wake.drain();
+        }
+        let cmds = {
+            let mut q = self.queue.lock();
+            q.notified = false;
+            if q.cmds.is_empty() {
+                return true;
+            }
+            std::mem::take(&mut q.cmds)
+        };
+        for cmd in cmds {
+            if !self.apply(cmd, now) {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Applies one command; false means shut down.
     fn apply(&mut self, cmd: Command, now: u64) -> bool {
         match cmd {
@@ -835,10 +879,7 @@ impl Worker {
                 new,
                 updates,
                 timeout_ns,
-                done,
             } => {
-                // Acknowledged when this arm ends, whichever way.
-                let _ack = Ack(done);
                 if !create && !self.calls.contains_key(&call) {
                     // The call timed out here while the control side was still working on it.
                     self.release(new.into_iter().filter_map(|e| e.release).collect());
@@ -865,9 +906,12 @@ impl Worker {
                     self.update(call, u);
                 }
             }
-            Command::Remove { call, done } => {
-                let _ack = Ack(done);
+            Command::Remove { call } => {
                 self.remove_call(call);
+                self.shared.removing.fetch_sub(1, Relaxed);
+            }
+            Command::Barrier { done } => {
+                let _ = done.try_send(());
             }
             Command::Join {
                 a,

@@ -275,6 +275,8 @@ fn offer_answer_relays_rtp_and_rtcp_both_ways() {
     assert!(relay.delete(&call));
     assert!(!relay.delete(&call), "delete is idempotent");
     assert_eq!(relay.sessions(), 0);
+    // The ports go back when the worker takes the delete; flush waits for that.
+    relay.flush();
     assert_eq!(relay.totals().free_pairs, relay.totals().total_pairs);
 }
 
@@ -742,8 +744,9 @@ fn media_timeout_frees_ports_and_tells_the_sip_side() {
         relay.answer(&call, "tag-a", "tag-b", b.sdp(2, "sendrecv").as_bytes()),
         Err(MediaError::UnknownCall)
     ));
-    // Deleting a held call is immediate.
+    // Deleting a held call frees its ports as soon as the worker takes it.
     assert!(relay.delete(&held));
+    relay.flush();
     assert_eq!(relay.totals().free_pairs, [25, 25]);
 }
 
@@ -805,8 +808,19 @@ fn port_exhaustion_is_an_error_and_recovers_after_delete() {
         "a failed offer leaks nothing"
     );
     assert_eq!(relay.sessions(), 2);
+    // A delete gives its ports back when the worker takes it, without waiting for that; an
+    // offer that finds the pool empty meanwhile waits for the deletes in flight instead of
+    // answering 503. Many rounds, so that some offers do come before their worker.
+    let mut last = "c1".to_string();
+    for i in 0..50 {
+        assert!(relay.delete(&CallKey::new(&last)));
+        last = format!("r{i}");
+        offer(&last).expect("ports freed by a delete are usable at once");
+    }
+    assert_eq!(relay.sessions(), 2);
     // Two m= lines with one pair left: all or nothing.
-    assert!(relay.delete(&CallKey::new("c1")));
+    assert!(relay.delete(&CallKey::new(&last)));
+    relay.flush();
     let two = a.sdp(1, "sendrecv") + "m=video 5000 RTP/AVP 96\r\na=rtpmap:96 H264/90000\r\n";
     let before = relay.totals().free_pairs;
     assert!(relay
@@ -1202,5 +1216,47 @@ fn latched_rtp_leaves_through_a_connected_socket() {
         assert!(drain(&a.rtp, Duration::from_millis(50)).is_empty());
         relay.delete(&call);
         relay.shutdown();
+    }
+}
+
+#[test]
+fn a_delete_closes_its_sockets_by_the_next_pass_without_traffic() {
+    // Deletes and answers do not wake the worker; with no packet and no other command, the
+    // sweep timer's pass (at most a second away) applies them.
+    let (relay, _ev) = start(config(22500, "127.0.0.1", "127.0.0.1"));
+    let (a, b) = (Peer::new("127.0.0.1"), Peer::new("127.0.0.1"));
+    let call = CallKey::new("lazy@test");
+    let ((ra, _), (rb, _)) = setup(&relay, &call, &a, &b);
+    let total = relay.totals().total_pairs;
+    assert!(relay.delete(&call));
+    let t0 = Instant::now();
+    while relay.totals().free_pairs != total {
+        assert!(t0.elapsed() < Duration::from_secs(3), "ports not back");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Closed for real: both ports can be bound again.
+    std::net::UdpSocket::bind(ra).expect("public port closed");
+    std::net::UdpSocket::bind(rb).expect("internal port closed");
+}
+
+#[test]
+fn an_answer_governs_the_next_packet_without_waiting_for_the_worker() {
+    // The answer only queues its command; the packet the caller sends right after must still
+    // go to the address that answer names, because the worker applies commands before packets.
+    let (relay, _ev) = start(config(22600, "127.0.0.1", "127.0.0.1"));
+    for i in 0..20u16 {
+        let (a, b) = (Peer::new("127.0.0.1"), Peer::new("127.0.0.1"));
+        let call = CallKey::new(&format!("order-{i}@test"));
+        let ((ra, _), _) = setup(&relay, &call, &a, &b);
+        a.rtp
+            .send_to(&rtp(i + 1, u32::from(i) * 160, 7, 1), ra)
+            .unwrap();
+        let got = drain(&b.rtp, Duration::from_millis(100));
+        assert_eq!(
+            got.len(),
+            1,
+            "round {i}: the first packet after the answer reaches B"
+        );
+        assert!(relay.delete(&call));
     }
 }

@@ -119,7 +119,10 @@ async fn wait_outlived(sbc: &sbc::Sbc) {
 
 /// Free relay port pairs on each side.
 fn free_ports(sbc: &sbc::Sbc) -> [usize; 2] {
-    let t = sbc.proxy.media().expect("media").relay().totals();
+    let relay = sbc.proxy.media().expect("media").relay();
+    // A delete's ports come back at the media worker's next pass; wait for it.
+    relay.flush();
+    let t = relay.totals();
     [t.free_pairs[0], t.free_pairs[1]]
 }
 
