@@ -65,6 +65,10 @@ const _: () = assert!(NBUF.is_power_of_two() && STRIDE >= BUF_SPACE);
 /// `user_data` low half marking a send; the high half is the buffer id. Slab indices never get
 /// near these values.
 const SEND_IDX: u32 = 0xffff_fffe;
+/// `user_data` of the ring's own housekeeping requests (cancels, fixed-file updates).
+const CONTROL: u64 = 0xffff_fffd;
+/// What a fixed-file update writes into a slot to empty it.
+static NO_FILE: [RawFd; 1] = [-1];
 
 /// What one completion is about.
 #[derive(Clone, Copy)]
@@ -75,6 +79,9 @@ pub(crate) enum Kind {
     Send(u16),
     /// The doorbell poll (token given to [`Ring::arm_poll`]).
     Wake,
+    /// A housekeeping request that failed (successful ones post nothing): a cancel that
+    /// found no request, a fixed-file update refused.
+    Control,
 }
 
 /// One completion, copied out of the ring so the worker may queue new requests while handling
@@ -93,6 +100,8 @@ impl Cqe {
         let low = self.user_data as u32;
         if self.user_data == wake {
             Kind::Wake
+        } else if self.user_data == CONTROL {
+            Kind::Control
         } else if low == SEND_IDX {
             Kind::Send((self.user_data >> 32) as u16)
         } else {
@@ -525,30 +534,34 @@ impl Ring {
         }
     }
 
-    /// Stops every request on the given sockets, so that closing them really frees their
-    /// ports (a request in flight holds its socket open).
-    pub fn cancel_fds(&mut self, fds: &[RawFd]) {
-        if fds.is_empty() {
+    /// Stops the multishot receive of each given socket (`(fd, token)`: the token it was armed
+    /// with) and empties its fixed-file slot, so that closing it really frees its port (a
+    /// request in flight and the table both hold the socket open). Both are queued as requests
+    /// and submitted together with one `io_uring_enter` that also runs the kernel's deferred
+    /// work. A synchronous cancel by fd (`io_uring_register`) cost a system call and a scan of
+    /// every armed request per socket: 3.7% of the SBC's CPU at 2,000 calls/s with media.
+    /// Requests are issued in queue order, so a receive queued and not yet submitted is armed
+    /// before its cancel runs.
+    pub fn cancel(&mut self, socks: &[(RawFd, u64)]) {
+        if socks.is_empty() {
             return;
         }
-        // Queued requests are not cancellable; submit them first.
-        self.flush();
-        for &fd in fds {
-            match self
-                .ring
-                .submitter()
-                .register_sync_cancel(None, CancelBuilder::fd(Fd(fd)).all())
-            {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-                Err(e) => tracing::warn!(error = %e, "io_uring cancel failed"),
-            }
-            // The table holds the socket open too: empty its slot before the fd is closed
-            // (and its number reused).
+        for &(fd, token) in socks {
+            // "All": a socket should have one receive at a time, but a second one armed by
+            // mistake would hold the socket (and its port) open for good.
+            let e = opcode::AsyncCancel2::new(CancelBuilder::user_data(token).all())
+                .build()
+                .flags(squeue::Flags::SKIP_SUCCESS)
+                .user_data(CONTROL);
+            let _ = self.push(&e);
             if let Some(slot) = self.slot_of(fd) {
-                match self.ring.submitter().register_files_update(slot, &[-1]) {
-                    Ok(_) => self.fixed[slot as usize] = false,
-                    Err(e) => tracing::warn!(error = %e, "io_uring fixed file removal failed"),
+                let e = opcode::FilesUpdate::new(NO_FILE.as_ptr(), 1)
+                    .offset(slot as i32)
+                    .build()
+                    .flags(squeue::Flags::SKIP_SUCCESS)
+                    .user_data(CONTROL);
+                if self.push(&e) {
+                    self.fixed[slot as usize] = false;
                 }
             }
         }
@@ -589,7 +602,7 @@ mod tests {
     }
 
     /// A multishot receive takes datagrams into provided buffers, sends leave from them, the
-    /// buffers come back; after `cancel_fds` a closed socket's port is free at once.
+    /// buffers come back; after `cancel` a closed socket's port is free at once.
     #[test]
     fn receives_sends_and_cancels_on_loopback() {
         let mut ring = match Ring::new() {
@@ -653,7 +666,7 @@ mod tests {
                         completed += 1;
                         true
                     }
-                    Kind::Wake => false,
+                    Kind::Wake | Kind::Control => false,
                 });
                 // Completed sends are in c's queue (loopback delivers inside the send); read
                 // them before it overflows.
@@ -666,7 +679,17 @@ mod tests {
             }
             assert_eq!(truncated, 1);
             let port = b.local_addr().unwrap();
-            ring.cancel_fds(&[b.as_raw_fd()]);
+            ring.cancel(&[(b.as_raw_fd(), 7)]);
+            // The receive ended, cancelled; reaped here so that the next round's pump does not
+            // take it for the end of its own receive and arm a second one.
+            let mut ended = Vec::new();
+            ring.reap(&mut ended);
+            assert!(
+                ended
+                    .iter()
+                    .any(|c| c.user_data == 7 && c.res == -libc::ECANCELED && !c.more()),
+                "receive cancelled"
+            );
             drop(b);
             std::net::UdpSocket::bind(port).expect("port free after cancel and close");
         }

@@ -516,6 +516,14 @@ impl Worker {
             for c in cqes.drain(..) {
                 match c.kind(WAKE_TOKEN) {
                     Kind::Wake => {}
+                    Kind::Control => {
+                        if c.res != -libc::ENOENT {
+                            tracing::debug!(
+                                error = %std::io::Error::from_raw_os_error(-c.res),
+                                "io_uring cancel or fixed-file update"
+                            );
+                        }
+                    }
                     Kind::Send(bid) => self.on_sent(bid, c.res),
                     Kind::Recv(token) => {
                         received += usize::from(c.buffer().is_some());
@@ -1132,14 +1140,18 @@ impl Worker {
         let wc = self.calls.remove(&call)?;
         if let Some(ring) = self.uring.as_deref_mut() {
             // A receive in flight holds its socket open: stop them before the ports go back.
-            let fds: SmallVec<[RawFd; 8]> = wc
+            // Each receive was armed with its slot's token (the twin's with TWIN_BIT).
+            let socks: SmallVec<[(RawFd, u64); 8]> = wc
                 .endpoints
                 .iter()
-                .filter_map(|&(_, idx)| self.slab[idx as usize].ep.as_ref())
-                .flat_map(|ep| [ep.fd, ep.twin_fd])
-                .filter(|fd| *fd >= 0)
+                .filter_map(|&(_, idx)| {
+                    let slot = &self.slab[idx as usize];
+                    slot.ep.as_ref().map(|ep| (ep, slot_token(idx, slot.gen)))
+                })
+                .flat_map(|(ep, token)| [(ep.fd, token), (ep.twin_fd, token | TWIN_BIT)])
+                .filter(|(fd, _)| *fd >= 0)
                 .collect();
-            ring.cancel_fds(&fds);
+            ring.cancel(&socks);
         }
         let mut releases = Vec::new();
         for &(_, idx) in &wc.endpoints {
