@@ -352,7 +352,7 @@ impl Relay {
         answer_side: Side,
         sdp: &[u8],
     ) -> Result<Vec<u8>, MediaError> {
-        match self.offer_once(call, offerer_tag, offer_side, answer_side, sdp) {
+        let r = match self.offer_once(call, offerer_tag, offer_side, answer_side, sdp) {
             // Ports of calls deleted a moment ago come back when their worker has closed the
             // sockets: wait for that once before answering "exhausted".
             Err(MediaError::PortsExhausted { .. }) if self.shared.removing.load(Relaxed) > 0 => {
@@ -361,7 +361,11 @@ impl Relay {
                 self.offer_once(call, offerer_tag, offer_side, answer_side, sdp)
             }
             r => r,
+        };
+        if let Err(MediaError::PortsExhausted { side }) = &r {
+            tracing::warn!(call = %call, %side, "RTP ports exhausted");
         }
+        r
     }
 
     fn offer_once(
@@ -437,9 +441,6 @@ impl Relay {
                     Some(pair) => bound.push((i, leg, pair)),
                     None => {
                         self.give_back(bound, session.legs.each_ref().map(|l| l.side));
-                        if self.shared.removing.load(Relaxed) == 0 {
-                            tracing::warn!(call = %call, %side, "RTP ports exhausted");
-                        }
                         return Err(MediaError::PortsExhausted { side });
                     }
                 }
