@@ -146,8 +146,8 @@ impl std::str::FromStr for IoBackend {
 
 impl RelayConfig {
     /// Production defaults: workers per core, 60 s media timeout, 1 h on hold, 3 min before an
-    /// answer, re-latch after 2 s of silence from the latched source, 200 us coalescing, epoll, latched
-    /// RTP sent through connected sockets.
+    /// answer, re-latch after 2 s of silence from the latched source, 200 us coalescing, epoll,
+    /// latched RTP sent through connected sockets.
     pub fn new(public: SideConfig, internal: SideConfig) -> Self {
         RelayConfig {
             public,

@@ -648,7 +648,7 @@ impl Relay {
             a_leg,
             b: sb.uid,
             b_leg,
-            done: Some(done),
+            done,
         });
         drop(sessions);
         self.wait_applied(applied, a);

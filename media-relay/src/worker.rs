@@ -111,7 +111,7 @@ pub(crate) enum Command {
         a_leg: u8,
         b: u64,
         b_leg: u8,
-        done: Option<SyncSender<()>>,
+        done: SyncSender<()>,
     },
     Shutdown,
 }
@@ -227,9 +227,6 @@ struct Endpoint {
     twin_fd: RawFd,
     /// The address the twin is connected to.
     twin_peer: Option<SocketAddr>,
-    /// `dest` is `twin_peer`: packets for this endpoint leave through the connected twin,
-    /// without an address.
-    via_twin: bool,
     /// Last packet accepted from the latched source (timeouts, re-latch guard).
     last_rx_ns: u64,
     est: RtpEstimator,
@@ -320,17 +317,23 @@ impl Endpoint {
                 };
             }
         }
-        self.via_twin = self.twin_peer == Some(src);
         let mut addrs = self.counters.addrs.lock();
         addrs.learned = Some(src);
-        addrs.connected = self.via_twin;
+        addrs.connected = self.via_twin();
+    }
+
+    /// Packets for this endpoint leave through the connected twin, without an address: the
+    /// twin is connected to the latched source (`dest` is then that source too).
+    #[inline]
+    fn via_twin(&self) -> bool {
+        self.learned.is_some() && self.twin_peer == self.learned
     }
 
     /// The socket and address a packet for this endpoint leaves through: the connected twin
     /// (no address) when it points at the latched source, else the socket itself and `dest`.
     #[inline]
     fn route(&self) -> Option<(RawFd, Option<&RawAddr>)> {
-        if self.via_twin {
+        if self.via_twin() {
             Some((self.twin_fd, None))
         } else {
             self.dest.as_ref().map(|d| (self.fd, Some(d)))
@@ -364,17 +367,6 @@ struct WorkerCall {
     last_signal_ns: u64,
     /// Joined with another call: (its uid, this call's joined leg).
     joined: Option<(u64, u8)>,
-}
-
-/// Tells the waiting control call that its command has been applied, on drop.
-struct Ack(Option<SyncSender<()>>);
-
-impl Drop for Ack {
-    fn drop(&mut self) {
-        if let Some(done) = self.0.take() {
-            let _ = done.try_send(());
-        }
-    }
 }
 
 pub(crate) struct Worker {
@@ -928,8 +920,8 @@ impl Worker {
                 b_leg,
                 done,
             } => {
-                let _ack = Ack(done);
                 self.join(a, a_leg, b, b_leg);
+                let _ = done.try_send(());
             }
             Command::Shutdown => return false,
         }
@@ -992,7 +984,6 @@ impl Worker {
             twin,
             twin_fd,
             twin_peer: None,
-            via_twin: false,
             last_rx_ns: now,
             est: RtpEstimator::default(),
             rates: SmallVec::new(),
@@ -1125,7 +1116,6 @@ impl Worker {
             // Until a source is latched again, packets leave unconnected toward the SDP's
             // address. The twin stays connected: the old source's packets still reach it and
             // are judged as on the first socket.
-            ep.via_twin = false;
             let mut addrs = ep.counters.addrs.lock();
             addrs.learned = None;
             addrs.connected = false;
