@@ -63,13 +63,11 @@ one() { # bin_dir label round
 import json, sys
 d, label, rnd = sys.argv[1:4]
 l = json.load(open(f"{d}/load.json"))
-try:
-    m = json.load(open(f"{d}/media.json"))
-    w = m.get("windows") or m.get("media") or []
-    w = w[0] if isinstance(w, list) and w else w
-    media = f"rtp sent {w.get('sent')} lost {w.get('lost')} relay p99 {w.get('lat_p99_us')} us"
-except Exception as e:  # noqa: BLE001
-    media = f"media report unreadable: {e}"
+try:  # media-bench sip-calls writes one report per media window; this script runs one
+    w = json.load(open(f"{d}/media.json"))["windows"][0]
+    media = f"rtp sent {w['sent']} lost {w['lost']} relay p99 {w['lat_p99_us']} us"
+except (OSError, ValueError, KeyError, IndexError) as e:
+    media = f"no media report ({e!r}): see media.log"
 print(f"{label} round {rnd}: calls {l['succeeded']}/{l['attempted']} failed {l['failed']} "
       f"setup p50 {l['latency_p50_ms']:.3f} p99 {l['latency_p99_ms']:.3f} ms, "
       f"SBC {l['cpu_us_per_op']:.1f} us/call incl. media; {media}")

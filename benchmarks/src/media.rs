@@ -744,12 +744,14 @@ pub fn gen(o: GenOpts) -> anyhow::Result<GenReport> {
     const TIMER: u64 = u64::MAX;
     // With rx_on_tick the generator sleeps on the timer alone and looks at the sockets
     // without waiting, so nothing the relay sends has a sleeper to wake.
-    let tick_epoll = Epoll::new()?;
-    if o.rx_on_tick {
-        tick_epoll.add(timer.0, TIMER)?;
+    let tick_epoll = if o.rx_on_tick {
+        let e = Epoll::new()?;
+        e.add(timer.0, TIMER)?;
+        Some(e)
     } else {
         epoll.add(timer.0, TIMER)?;
-    }
+        None
+    };
     let mut tick_events = [libc::epoll_event { events: 0, u64: 0 }; 1];
     let mut backlog = false;
     for (i, s) in socks.iter().enumerate() {
@@ -791,7 +793,7 @@ pub fn gen(o: GenOpts) -> anyhow::Result<GenReport> {
     let (mut start_sample, mut end_sample, mut rss_end) = (None, None, None);
     let load_start = loadavg();
     loop {
-        let n = if o.rx_on_tick {
+        let n = if let Some(tick_epoll) = &tick_epoll {
             if !backlog && tick_epoll.wait(&mut tick_events, 10) > 0 {
                 timer.drain();
             }
