@@ -603,7 +603,12 @@ async fn a_reload_keeps_health_and_the_active_node() {
         .await
     );
     assert_eq!(reloaded.active(0), Some(1));
-    // A fresh start knows nothing.
+    // A fresh start knows nothing. The primary goes silent first: an
+    // answering one could turn the fresh monitor's Starting into Up before
+    // the assert reads it (seen in CI); a silent one stays Starting for at
+    // least one probe timeout.
+    reloaded.shutdown();
+    rig.primary.set(Mode::Silent);
     let fresh = HealthMonitor::start(&rig.cfg);
     assert_eq!(fresh.node_state(0), Some(NodeState::Starting));
     assert_eq!(fresh.active(0), Some(0));
