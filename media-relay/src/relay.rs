@@ -141,6 +141,10 @@ pub struct RelayTotals {
     pub bytes: u64,
     /// Packets dropped since start (foreign source, invalid, no destination, send errors).
     pub dropped: u64,
+    /// Times a socket's receive paused because every packet buffer of its worker was in use
+    /// (io_uring backend): the relay fell behind its packets, which waited in the socket
+    /// queues (and were dropped by the kernel where those overflowed).
+    pub buffer_waits: u64,
     /// Calls ended by media timeout since start.
     pub timeouts: u64,
     /// Free port pairs on the public and internal sides (the same pool when shared).
@@ -584,6 +588,28 @@ impl Relay {
         }
     }
 
+    /// Stops every worker for `d`, as if the OS did not run it (CPU contention, a VM's
+    /// stolen time), and returns once they all have stopped: packets then wait in the socket
+    /// queues. For tests of what the relay does with a backlog.
+    #[doc(hidden)]
+    pub fn stall_workers(&self, d: Duration) {
+        if self.closed.load(Relaxed) {
+            return;
+        }
+        let waits: Vec<_> = self
+            .workers
+            .iter()
+            .map(|w| {
+                let (started, stalled) = std::sync::mpsc::sync_channel(1);
+                w.send(Command::Stall { started, d });
+                stalled
+            })
+            .collect();
+        for stalled in waits {
+            self.wait_applied(stalled, &"stall");
+        }
+    }
+
     /// Ends a call's media: its sockets close and its ports go back to the pool when the
     /// worker takes the command (without waiting for it; an offer that finds the pool empty
     /// meanwhile waits for these deletes first). Idempotent: false when the call was not
@@ -705,6 +731,7 @@ impl Relay {
             t.packets += w.totals.packets.load(Relaxed);
             t.bytes += w.totals.bytes.load(Relaxed);
             t.dropped += w.totals.dropped.load(Relaxed);
+            t.buffer_waits += w.totals.buffer_waits.load(Relaxed);
             t.uring_workers += usize::from(w.totals.uring.load(Relaxed));
         }
         for side in Side::ALL {

@@ -27,9 +27,14 @@ use crate::sys::{decode_bytes, RawAddr, BUF_LEN};
 
 /// Provided buffers per worker: packets received and not yet sent on. At 50,000 packets/s and
 /// one pass per 200 us a pass holds ~10-50; 512 leaves room for a stall of ~10 ms before the
-/// kernel runs out (it then leaves packets in the socket queues: nothing is lost, the receive
-/// is re-armed once buffers are back).
+/// kernel runs out. It then ends the receives that find no buffer (ENOBUFS) and leaves their
+/// packets in the socket queues; the worker re-arms them a few at a time as buffers come back
+/// ([`Ring::rearm_budget`]), not at once: a receive re-armed into an empty ring fails again
+/// at once, and re-arming every socket on every pass made an overloaded relay spend its time
+/// on failed receives (10 per forwarded packet, half the packets it could forward).
 pub(crate) const NBUF: u16 = 512;
+/// Free buffers per receive re-armed after ENOBUFS ([`Ring::rearm_budget`]).
+const REARM_SHARE: u16 = 16;
 /// Upper bound of the fixed-file table (kernel memory: 16 bytes or so per slot).
 const MAX_FIXED_FILES: u32 = 65_536;
 
@@ -202,6 +207,9 @@ pub(crate) struct Ring {
     /// fixed file skips the kernel's per-request file lookup and reference count (fget/fput:
     /// 4-5% of the relay's CPU at 1,000 streams); empty where the kernel refused the table.
     fixed: Vec<bool>,
+    /// Provided buffers handed out in completions and not yet recycled; the kernel holds
+    /// the other `NBUF - held`.
+    held: u16,
 }
 
 // SAFETY: the raw pointers point into mappings and boxes owned by the Ring, which move with it;
@@ -271,6 +279,7 @@ impl Ring {
             cq_entries,
             unreaped_sends: 0,
             fixed: Vec::new(),
+            held: NBUF,
         };
         for bid in 0..NBUF {
             r.recycle(bid);
@@ -463,16 +472,37 @@ impl Ring {
             self.tail = self.tail.wrapping_add(1);
             (*self.br.ptr.add(14).cast::<AtomicU16>()).store(self.tail, Ordering::Release);
         }
+        self.held = self.held.saturating_sub(1);
+    }
+
+    /// How many receives that ended for want of a buffer are worth re-arming now: one per
+    /// `REARM_SHARE` buffers in the kernel's ring (each brings its socket's backlog).
+    #[inline]
+    pub fn rearm_budget(&self) -> usize {
+        usize::from(NBUF.saturating_sub(self.held) / REARM_SHARE)
     }
 
     /// Submits what is queued and waits for completions: at least one besides those of the
-    /// sends just submitted, until `timeout_ns` passes. With `coalesce_us` > 0 (dense traffic) the wait lasts that long once something
-    /// has arrived, so one wake-up serves everything that comes in meanwhile.
-    pub fn submit_and_wait(&mut self, timeout_ns: u64, coalesce_us: u32) -> io::Result<()> {
+    /// sends just submitted, until `timeout_ns` passes. With `coalesce_us` > 0 (dense traffic)
+    /// the wait lasts that long once something has arrived, so one wake-up serves everything
+    /// that comes in meanwhile. With `hurry`, only for the sends' own completions: receives
+    /// wait for the buffers those sends hold.
+    pub fn submit_and_wait(
+        &mut self,
+        timeout_ns: u64,
+        coalesce_us: u32,
+        hurry: bool,
+    ) -> io::Result<()> {
         let ts = Timespec::new()
             .sec(timeout_ns / 1_000_000_000)
             .nsec((timeout_ns % 1_000_000_000) as u32);
-        let r = if coalesce_us == 0 {
+        let r = if hurry {
+            // Back as soon as the sends have completed (they do during the submission).
+            let want = self.unreaped_sends.clamp(1, self.cq_entries) as usize;
+            self.ring
+                .submitter()
+                .submit_with_args(want, &SubmitArgs::new().timespec(&ts))
+        } else if coalesce_us == 0 {
             let want = (self.unreaped_sends + 1).min(self.cq_entries) as usize;
             self.ring
                 .submitter()
@@ -509,11 +539,16 @@ impl Ring {
         self.unreaped_sends = 0;
         let mut cq = self.ring.completion();
         cq.sync();
-        out.extend(cq.map(|c| Cqe {
-            user_data: c.user_data(),
-            res: c.result(),
-            flags: c.flags(),
+        let mut taken: u16 = 0;
+        out.extend(cq.map(|c| {
+            taken = taken.saturating_add(u16::from(cqueue::buffer_select(c.flags()).is_some()));
+            Cqe {
+                user_data: c.user_data(),
+                res: c.result(),
+                flags: c.flags(),
+            }
         }));
+        self.held = self.held.saturating_add(taken);
     }
 
     /// Submits what is queued and runs the kernel's deferred work without waiting: requests
@@ -589,7 +624,7 @@ mod tests {
         let mut cqes = Vec::new();
         loop {
             assert!(std::time::Instant::now() < deadline, "ring stalled");
-            ring.submit_and_wait(20_000_000, 0).unwrap();
+            ring.submit_and_wait(20_000_000, 0, false).unwrap();
             ring.reap(&mut cqes);
             let mut done = false;
             for c in cqes.drain(..) {

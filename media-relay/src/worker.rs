@@ -113,6 +113,11 @@ pub(crate) enum Command {
         b_leg: u8,
         done: SyncSender<()>,
     },
+    /// Sleep for `d` after acknowledging (`Relay::stall_workers`, for tests).
+    Stall {
+        started: SyncSender<()>,
+        d: std::time::Duration,
+    },
     Shutdown,
 }
 
@@ -122,6 +127,8 @@ pub(crate) struct WorkerTotals {
     pub packets: AtomicU64,
     pub bytes: AtomicU64,
     pub dropped: AtomicU64,
+    /// io_uring receives that ended for want of a provided buffer.
+    pub buffer_waits: AtomicU64,
     /// The worker runs on io_uring.
     pub uring: AtomicBool,
 }
@@ -393,6 +400,9 @@ pub(crate) struct Worker {
     /// The io_uring backend's ring, set up by the worker thread itself when `io` asks for it
     /// (a ring is used by the thread that created it); `None`: epoll.
     uring: Option<Box<Ring>>,
+    /// io_uring: tokens of sockets whose receive ended because every provided buffer was in
+    /// use (ENOBUFS), in the order they ended, waiting for buffers before they are re-armed.
+    starved: std::collections::VecDeque<u64>,
     sweep_every_ns: u64,
     next_sweep_ns: u64,
 }
@@ -419,6 +429,7 @@ impl Worker {
             coalesce: cfg.coalesce.min(std::time::Duration::from_millis(5)),
             io: cfg.io,
             uring: None,
+            starved: std::collections::VecDeque::new(),
             shared,
             queue,
             wake,
@@ -480,7 +491,10 @@ impl Worker {
             // wake-up serves everything that came meanwhile; a sparse pass waits for the
             // first completion only.
             let wait_us = if dense { coalesce_us } else { 0 };
-            if let Err(e) = ring.submit_and_wait(timeout_ns, wait_us) {
+            // Receives wait for buffers that this submission's sends hold: come back as soon
+            // as the sends have completed, so the buffers return and the receives resume.
+            let hurry = !self.starved.is_empty();
+            if let Err(e) = ring.submit_and_wait(timeout_ns, wait_us, hurry) {
                 tracing::error!(error = %e, "io_uring_enter failed; media worker stops");
                 self.shutdown();
                 return;
@@ -523,11 +537,41 @@ impl Worker {
                     }
                 }
             }
+            self.rearm_starved();
             if now >= self.next_sweep_ns {
                 self.sweep(now);
                 self.next_sweep_ns = now + self.sweep_every_ns;
             }
             dense = !self.coalesce.is_zero() && received >= COALESCE_MIN_READY;
+        }
+    }
+
+    /// io_uring: re-arms receives that ended for want of a buffer, oldest first, as many as
+    /// the free buffers can serve. Their packets wait in the socket queues meanwhile. A
+    /// socket re-armed takes its whole backlog at once, so re-arming every starved socket
+    /// whenever some buffers are back would have most of them fail again at once, on every
+    /// pass: an overloaded relay then spent more time on failed receives than on packets.
+    fn rearm_starved(&mut self) {
+        if self.starved.is_empty() {
+            return;
+        }
+        let Some(ring) = self.uring.as_deref_mut() else {
+            return;
+        };
+        let budget = ring.rearm_budget().min(self.starved.len());
+        for token in self.starved.drain(..budget) {
+            let (idx, gen) = split_token(token);
+            if let Some(ep) = self
+                .slab
+                .get(idx)
+                .filter(|s| s.gen == gen)
+                .and_then(|s| s.ep.as_ref())
+            {
+                let fd = token_fd(ep, token);
+                if fd >= 0 {
+                    ring.arm_recv(fd, token);
+                }
+            }
         }
     }
 
@@ -539,6 +583,7 @@ impl Worker {
             uring,
             totals,
             relatch_ns,
+            starved,
             ..
         } = self;
         let Some(ring) = uring.as_deref_mut() else {
@@ -559,6 +604,10 @@ impl Worker {
                         error = %std::io::Error::from_raw_os_error(-c.res),
                         "io_uring receive refused; stream not relayed"
                     );
+                }
+                libc::ENOBUFS => {
+                    bump(&totals.buffer_waits, 1);
+                    starved.push_back(token);
                 }
                 _ => {
                     if let Some(ep) = slab[idx].ep.as_ref() {
@@ -912,6 +961,10 @@ impl Worker {
             }
             Command::Barrier { done } => {
                 let _ = done.try_send(());
+            }
+            Command::Stall { started, d } => {
+                let _ = started.try_send(());
+                std::thread::sleep(d);
             }
             Command::Join {
                 a,
