@@ -799,6 +799,7 @@ fn publish_metrics(anchor: &MediaAnchor) {
     metrics::counter!("sbc_media_packets_total").absolute(t.packets);
     metrics::counter!("sbc_media_bytes_total").absolute(t.bytes);
     metrics::counter!("sbc_media_dropped_total").absolute(t.dropped);
+    metrics::counter!("sbc_media_buffer_waits_total").absolute(t.buffer_waits);
     metrics::gauge!("sbc_media_ports_free", "side" => "public").set(t.free_pairs[0] as f64);
     metrics::gauge!("sbc_media_ports_free", "side" => "internal").set(t.free_pairs[1] as f64);
 }

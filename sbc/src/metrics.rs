@@ -120,6 +120,8 @@ pub const CATALOGUE: &[MetricDef] = &[
         "Bytes of RTP and RTCP the relay forwarded (UDP payload)."),
     def("sbc_media_dropped_total", Counter, None, &[],
         "Packets the relay dropped: from a source other than the latched one, not RTP, no known destination, or a failed send."),
+    def("sbc_media_buffer_waits_total", Counter, None, &[],
+        "Times a relay socket's receive paused because every packet buffer of its media thread was in use (io_uring): the relay fell behind its packets, which waited in the socket queues. Rising steadily: the media threads need more CPU."),
     def("sbc_media_ports_free", Gauge, None, &["side"],
         "Free RTP/RTCP port pairs per relay side (public, internal); 0 means new calls get 503."),
     def("sbc_media_errors_total", Counter, None, &["stage"],
