@@ -45,6 +45,11 @@
 #   RTPE_PORTS [40000-49999] rtpengine --port-min/--port-max
 #   PEER_BASE [30000]        endpoints: A on 127.0.0.2, B on 127.0.0.3, port PEER_BASE+2c
 #   RT_PRIO [10]             SCHED_FIFO priority of relay and generator; 0: normal scheduling
+#   HOG [0]                  1: overload. A busy loop (bounded by the run's length) shares the
+#                            relay's core, and the relay runs at normal priority beside it
+#                            (the generator keeps RT_PRIO): the relay gets about half a core,
+#                            as one does on a busy host. For what a relay does when it falls
+#                            behind: losses, latency, CPU per packet.
 #   MAX_LOAD [2.5]           wait for the 1-min load average to fall below this ...
 #   LOAD_WAIT [60]           ... for at most this many seconds per run
 #   SKIP_BUILD [0]           1: do not build; use the binary in BIN_FROM
@@ -72,6 +77,7 @@ PEER_BASE=${PEER_BASE:-30000}
 RT_PRIO=${RT_PRIO:-10}
 MAX_LOAD=${MAX_LOAD:-2.5}
 LOAD_WAIT=${LOAD_WAIT:-60}
+HOG=${HOG:-0}
 SKIP_BUILD=${SKIP_BUILD:-0}
 BASE_BIN=${BASE_BIN:-}
 BIN_FROM=${BIN_FROM:-${CARGO_TARGET_DIR:-target}/release}
@@ -104,7 +110,21 @@ esac
 
 # --- process handling: only what this script started is ever killed -----------------------
 RELAY_PID=""
+HOG_PID=
+start_hog() {
+  [ "$HOG" = 1 ] || return 0
+  timeout $((DURATION + WARMUP + 15)) taskset -c 1 sh -c 'while :; do :; done' &
+  HOG_PID=$!
+}
+stop_hog() {
+  if [ -n "$HOG_PID" ]; then
+    kill "$HOG_PID" 2>/dev/null || true
+    wait "$HOG_PID" 2>/dev/null || true
+  fi
+  HOG_PID=""
+}
 stop_relay() {
+  stop_hog
   local pid=$RELAY_PID
   RELAY_PID=""
   [ -n "$pid" ] || return 0
@@ -148,6 +168,9 @@ ng_port_bound() { [ -n "$(ss -Huln "src 127.0.0.1:$NG_PORT" 2>/dev/null)" ]; }
 
 RT=()
 [ "$RT_PRIO" -gt 0 ] && RT=(chrt -f "$RT_PRIO")
+# The relay's priority: with HOG=1 normal, so that the busy loop beside it gets its share.
+RRT=("${RT[@]}")
+[ "$HOG" = 1 ] && RRT=()
 gen_args=(--pps "$PPS" --seconds "$DURATION" --warmup "$WARMUP" --tick-us "$TICK_US" --relay-core 1
   --peer-base "$PEER_BASE")
 
@@ -172,18 +195,19 @@ one_run() { # relay streams run
       local io_args=()
       [ -n "$SBC_IO" ] && io_args=(--io "$SBC_IO")
       [ "$relay" = sbc-base ] && { host=$OUT/bin/media-bench-base; io_args=(); }
-      "${RT[@]}" taskset -c 1 "$host" relay-host --calls "$calls" --peer-base "$PEER_BASE" \
+      "${RRT[@]}" taskset -c 1 "$host" relay-host --calls "$calls" --peer-base "$PEER_BASE" \
         --workers "$SBC_WORKERS" "${io_args[@]}" --map-out "$map" --max-seconds $((DURATION + WARMUP + 120)) \
         2>"$OUT/$name.log" &
       RELAY_PID=$!
       wait_for_file "$map" 30 || { echo "relay-host did not set up:"; cat "$OUT/$name.log"; exit 1; }
+      start_hog
       "${RT[@]}" taskset -c 0 "$MB" gen --map "$map" "${gen_args[@]}" --label "$name" \
         --json "$OUT/$name.json" >"$OUT/$name.txt" 2>&1 || { cat "$OUT/$name.txt"; exit 1; }
       stop_relay
       ;;
     rtpengine)
       if ng_port_bound; then echo "127.0.0.1:$NG_PORT is in use; set NG_PORT"; exit 1; fi
-      "${RT[@]}" taskset -c 1 rtpengine --config-file=none --foreground --log-stderr --log-level=5 \
+      "${RRT[@]}" taskset -c 1 rtpengine --config-file=none --foreground --log-stderr --log-level=5 \
         --interface=127.0.0.1 --listen-ng="127.0.0.1:$NG_PORT" \
         --port-min="${RTPE_PORTS%-*}" --port-max="${RTPE_PORTS#*-}" --table=-1 \
         --num-threads="$RTPE_THREADS" --delete-delay=0 2>"$OUT/$name.log" &
@@ -192,6 +216,7 @@ one_run() { # relay streams run
       taskset -c 0 "$MB" ng-setup --calls "$calls" --peer-base "$PEER_BASE" \
         --ng "127.0.0.1:$NG_PORT" --pid "$RELAY_PID" --map-out "$map" >>"$OUT/$name.txt" 2>&1 ||
         { echo "ng-setup failed:"; cat "$OUT/$name.txt" "$OUT/$name.log"; exit 1; }
+      start_hog
       "${RT[@]}" taskset -c 0 "$MB" gen --map "$map" "${gen_args[@]}" --label "$name" \
         --json "$OUT/$name.json" >>"$OUT/$name.txt" 2>&1 || { cat "$OUT/$name.txt"; exit 1; }
       stop_relay
@@ -213,7 +238,7 @@ one_run() { # relay streams run
   echo "rustc: $(rustc --version 2>/dev/null)"
   echo "load avg at start: $(cat /proc/loadavg)"
   echo "RUNS=$RUNS DURATION=$DURATION WARMUP=$WARMUP STREAMS=$STREAMS PPS=$PPS TICK_US=$TICK_US"
-  echo "RELAYS=$RELAYS SBC_WORKERS=$SBC_WORKERS SBC_IO=$SBC_IO RTPE_THREADS=$RTPE_THREADS RT_PRIO=$RT_PRIO MAX_LOAD=$MAX_LOAD LOAD_WAIT=$LOAD_WAIT"
+  echo "RELAYS=$RELAYS SBC_WORKERS=$SBC_WORKERS SBC_IO=$SBC_IO RTPE_THREADS=$RTPE_THREADS RT_PRIO=$RT_PRIO HOG=$HOG MAX_LOAD=$MAX_LOAD LOAD_WAIT=$LOAD_WAIT"
   echo "pinning: relay taskset -c 1; generator and ng setup taskset -c 0; SCHED_FIFO ${RT_PRIO} (0: off)"
 } | tee "$OUT/env.txt"
 

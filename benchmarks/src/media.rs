@@ -277,8 +277,22 @@ pub fn relay_host(o: RelayHostOpts) -> anyhow::Result<()> {
         relay.config().connect_latched
     );
     let deadline = Instant::now() + Duration::from_secs(o.max_seconds);
+    let mut last_report = Instant::now();
+    let mut last = relay.totals();
     while Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
+        if last_report.elapsed() >= Duration::from_secs(2) {
+            // The log shows when the relay fell behind (buffer waits) and what it dropped.
+            let t = relay.totals();
+            if t != last {
+                eprintln!(
+                    "relay-host: {} packets forwarded, {} dropped, {} buffer waits",
+                    t.packets, t.dropped, t.buffer_waits
+                );
+            }
+            last = t;
+            last_report = Instant::now();
+        }
     }
     eprintln!("relay-host: time bound reached, exiting");
     relay.shutdown();
