@@ -69,6 +69,9 @@
 //! With [`RelayConfig::io`] = [`IoBackend::Uring`] the workers use io_uring instead of epoll:
 //! a multishot receive per socket into provided buffers, sends as queued requests, one
 //! `io_uring_enter` per pass for all of them (falls back to epoll where the kernel refuses).
+//! A worker that falls behind its packets runs out of provided buffers; the receives that
+//! found none wait and are re-armed a few per pass as buffers come back
+//! ([`RelayTotals::buffer_waits`] counts them), instead of failing again on every pass.
 //!
 //! **Latching.** The advertised address (SDP) is where media goes until a packet arrives; the
 //! source of the first valid RTP packet (RTCP on the RTCP socket, any datagram for udptl) is
