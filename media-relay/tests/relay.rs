@@ -1284,7 +1284,7 @@ fn a_backlog_larger_than_the_buffers_is_relayed_whole() {
         assert_eq!(recv_n(&b.rtp, 1, Duration::from_secs(2)).len(), 1);
         calls.push((call, a, b, ra));
     }
-    relay.stall_workers(Duration::from_millis(300));
+    relay.stall_workers(Duration::from_millis(500));
     for seq in 1..=PER_STREAM {
         for (_, a, _, ra) in &calls {
             a.rtp
