@@ -571,21 +571,7 @@ impl Relay {
     /// pool. Offer, answer and delete do not wait for that themselves (see [`Relay::offer`]);
     /// this is for a caller that must know, such as a test reading the pool.
     pub fn flush(&self) {
-        if self.closed.load(Relaxed) {
-            return;
-        }
-        let waits: Vec<_> = self
-            .workers
-            .iter()
-            .map(|w| {
-                let (done, applied) = std::sync::mpsc::sync_channel(1);
-                w.send(Command::Barrier { done });
-                applied
-            })
-            .collect();
-        for applied in waits {
-            self.wait_applied(applied, &"flush");
-        }
+        self.on_every_worker("flush", |done| Command::Barrier { done });
     }
 
     /// Stops every worker for `d`, as if the OS did not run it (CPU contention, a VM's
@@ -593,6 +579,17 @@ impl Relay {
     /// queues. For tests of what the relay does with a backlog.
     #[doc(hidden)]
     pub fn stall_workers(&self, d: Duration) {
+        self.on_every_worker("stall", |started| Command::Stall { started, d });
+    }
+
+    /// Queues the command `make` builds on every worker and waits until each has
+    /// acknowledged it through the sender it was given (all queued first, then one wait
+    /// each, so the workers take them side by side).
+    fn on_every_worker(
+        &self,
+        what: &str,
+        make: impl Fn(std::sync::mpsc::SyncSender<()>) -> Command,
+    ) {
         if self.closed.load(Relaxed) {
             return;
         }
@@ -600,13 +597,13 @@ impl Relay {
             .workers
             .iter()
             .map(|w| {
-                let (started, stalled) = std::sync::mpsc::sync_channel(1);
-                w.send(Command::Stall { started, d });
-                stalled
+                let (ack, acked) = std::sync::mpsc::sync_channel(1);
+                w.send(make(ack));
+                acked
             })
             .collect();
-        for stalled in waits {
-            self.wait_applied(stalled, &"stall");
+        for acked in waits {
+            self.wait_applied(acked, &what);
         }
     }
 
