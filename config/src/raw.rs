@@ -74,6 +74,7 @@ pub(crate) struct RawLimits {
     pub max_connections: Option<Int>,
     pub max_connections_per_source: Option<Int>,
     pub max_transactions_per_source: Option<Int>,
+    pub overload_queue_ms: Option<Int>,
 }
 
 #[derive(Debug, Default, Deserialize)]

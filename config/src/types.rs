@@ -275,6 +275,14 @@ pub struct Limits {
     /// 32 s after the final response on UDP). Sources that `[ratelimit]`
     /// exempts (trunks and PBX nodes by default) are not counted.
     pub max_transactions_per_source: usize,
+    /// A new INVITE that waited longer than this in the SBC's UDP socket queue
+    /// before the SBC could read it is answered 503 with Retry-After at once,
+    /// without routing or media (0..=60000 ms, default 100 ms; 0 turns it off).
+    /// Overload protection: past its capacity the SBC sheds the cheapest way,
+    /// and its queue stays short enough that no sender's T1 (500 ms) runs out
+    /// on a message waiting in it; a queue that lets retransmissions start
+    /// swamps the SBC with them (benchmarks/README.md, "Overload").
+    pub overload_queue: Duration,
 }
 
 impl Default for Limits {
@@ -290,6 +298,7 @@ impl Default for Limits {
             max_connections: 10000,
             max_connections_per_source: 256,
             max_transactions_per_source: 1000,
+            overload_queue: Duration::from_millis(100),
         }
     }
 }

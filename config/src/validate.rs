@@ -472,6 +472,12 @@ impl Ctx<'_> {
                 d.max_transactions_per_source,
                 "",
             )?,
+            overload_queue: ms(
+                &raw.overload_queue_ms,
+                "overload_queue_ms",
+                0..=60_000,
+                d.overload_queue,
+            )?,
         })
     }
 

@@ -110,6 +110,8 @@ pub const CATALOGUE: &[MetricDef] = &[
         "Messages whose handling panicked (a bug): the message was dropped, the receiving thread and every other message unaffected. Should stay 0."),
     def("sbc_ratelimited_total", Counter, None, &["method", "action"],
         "Requests refused by the per-source limits (action: 503, block, drop, scanner, transactions)."),
+    def("sbc_overload_rejected_total", Counter, None, &[],
+        "New INVITEs answered 503 at once because they waited past limits.overload_queue_ms in the SIP socket queue: the SBC was past its capacity and shed them."),
     def("sbc_blocked_sources", Gauge, None, &[],
         "Sources currently blocked for exceeding their rate limits."),
     def("sbc_media_sessions", Gauge, None, &[],

@@ -58,6 +58,9 @@ pub struct ProxySettings {
     pub limits: ParseLimits,
     pub timers: TimerConfig,
     pub timer_c: Duration,
+    /// `limits.overload_queue_ms`: a new INVITE that waited longer in the socket queue is
+    /// answered 503 at once (zero: never).
+    pub overload_queue: Duration,
 }
 
 type Out = SmallVec<[(Dest, Bytes); 4]>;
@@ -794,6 +797,7 @@ impl Proxy {
             flow: tx.in_flow,
             data: Bytes::new(),
             received_at: now,
+            queued: Duration::ZERO,
         };
         match self.route_around(&tx.request, &inb, Some(node)) {
             Target::Skip(hop) => Ok(Some(hop)),
@@ -1637,6 +1641,33 @@ impl Proxy {
         }
         if self.is_loop(&msg) {
             return self.reply(&msg, inb, 482, "Loop Detected", out);
+        }
+
+        // Overload: an INVITE that waited past `overload_queue` in the socket queue is refused
+        // before any routing, transaction or media work. Its sender has likely retransmitted
+        // it already; taking it would only add the retransmissions to the backlog, and a 503
+        // costs a fraction of a call.
+        if method == Method::Invite
+            && !self.settings.overload_queue.is_zero()
+            && inb.queued > self.settings.overload_queue
+            && msg.to_tag().is_none()
+        {
+            metrics::counter!("sbc_overload_rejected_total").increment(1);
+            let bytes = edit::response(
+                &msg,
+                503,
+                "Service Unavailable",
+                &ResponseOpts {
+                    extra: b"Retry-After: 2\r\n",
+                    to_tag: Some(b"sbc-overload"),
+                    source: Some((inb.flow.remote.ip(), inb.flow.remote.port())),
+                    server: Some(&self.settings.name),
+                    ..Default::default()
+                },
+            );
+            count_response(method, 503, "local");
+            out.push((Dest::Flow(inb.flow), Bytes::from(bytes)));
+            return;
         }
 
         // A new server transaction: counted against its source's cap.

@@ -106,6 +106,7 @@ impl Sbc {
                 t4: cfg.timers.t4,
             },
             timer_c: cfg.timers.timer_c,
+            overload_queue: cfg.limits.overload_queue,
         };
         let proxy = Proxy::new(settings, RouteTable::new(cfg));
         proxy.set_limiter(Arc::new(crate::ratelimit::Limiter::new(

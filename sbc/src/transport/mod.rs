@@ -109,6 +109,9 @@ pub struct Inbound {
     pub data: Bytes,
     /// When the read that completed it returned, for latency accounting.
     pub received_at: Instant,
+    /// How long it waited in the kernel's socket queue before that read (UDP, from the
+    /// kernel's arrival stamp; zero where unknown): the SBC's overload signal.
+    pub queued: Duration,
 }
 
 /// Where [`Transports::send`] delivers a message.

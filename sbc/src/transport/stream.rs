@@ -822,6 +822,7 @@ where
                         flow,
                         data,
                         received_at,
+                        queued: Duration::ZERO,
                     },
                 ),
                 Ok(Some(Frame::Ping)) => {

@@ -731,6 +731,7 @@ fn transport_a_panicking_handler_costs_one_message() {
         flow,
         data: Bytes::from_static(d),
         received_at: std::time::Instant::now(),
+        queued: std::time::Duration::ZERO,
     };
     super::deliver(&h, msg(b"ok"));
     super::deliver(&h, msg(b"boom"));

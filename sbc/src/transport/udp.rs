@@ -34,6 +34,9 @@ pub(super) fn recv_thread(inner: Arc<Inner>, entry: Arc<UdpEntry>) {
     let slot = inner.cfg.max_message_size.clamp(1024, RECV_BUFFER) + 1;
     let mut bufs = vec![0u8; slot * BATCH];
     let mut batch = mmsg::RecvBatch::new(BATCH);
+    if let Err(err) = mmsg::enable_rx_timestamps(&entry.socket) {
+        tracing::debug!(local = %entry.local, error = %err, "no UDP arrival timestamps");
+    }
     while !inner.shut_down.load(Ordering::Acquire) {
         let n = match batch.recv(&entry.socket, &mut bufs, slot) {
             Ok(n) => n,
@@ -57,6 +60,7 @@ pub(super) fn recv_thread(inner: Arc<Inner>, entry: Arc<UdpEntry>) {
             }
         };
         let received_at = Instant::now();
+        let now_ns = realtime_ns();
         // Replies produced while handling this batch leave in one sendmmsg per socket: fewer
         // system calls and fewer wake-ups of the peers.
         SEND_BATCH.with(|b| b.borrow_mut().active = true);
@@ -81,12 +85,18 @@ pub(super) fn recv_thread(inner: Arc<Inner>, entry: Arc<UdpEntry>) {
                 remote,
                 conn: None,
             };
+            // How long it waited in the socket queue: the overload signal.
+            let queued = batch
+                .arrival_ns(i)
+                .and_then(|t| u64::try_from(now_ns - t).ok())
+                .map_or(Duration::ZERO, Duration::from_nanos);
             super::deliver(
                 &*inner.handler,
                 Inbound {
                     flow,
                     data: Bytes::copy_from_slice(data),
                     received_at,
+                    queued,
                 },
             );
         }
@@ -99,6 +109,13 @@ pub(super) fn recv_thread(inner: Arc<Inner>, entry: Arc<UdpEntry>) {
             inner.flush_udp_batch(pending);
         }
     }
+}
+
+/// CLOCK_REALTIME in ns, the clock of the kernel's arrival stamps.
+fn realtime_ns() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128)
 }
 
 /// Datagrams queued by sends made while a receive batch is being handled on this thread.
@@ -213,10 +230,14 @@ mod mmsg {
     use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
     use std::os::fd::AsRawFd;
 
+    /// Room for one `SCM_TIMESTAMPNS` control message (a `timespec`), 8-byte aligned.
+    type Ctrl = [u64; 8];
+
     pub(super) struct RecvBatch {
         hdrs: Vec<libc::mmsghdr>,
         iovs: Vec<libc::iovec>,
         addrs: Vec<libc::sockaddr_storage>,
+        ctrls: Vec<Ctrl>,
         /// The buffer (address, length, slot size) the headers point into: set up once and
         /// reused while the caller passes the same buffer.
         armed: Option<(usize, usize, usize)>,
@@ -239,6 +260,7 @@ mod mmsg {
                     })
                     .collect(),
                 addrs: (0..n).map(|_| unsafe { zeroed() }).collect(),
+                ctrls: vec![[0; 8]; n],
                 armed: None,
                 filled: 0,
             }
@@ -266,8 +288,8 @@ mod mmsg {
                     h.msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
                     h.msg_hdr.msg_iov = &mut self.iovs[i];
                     h.msg_hdr.msg_iovlen = 1;
-                    h.msg_hdr.msg_control = std::ptr::null_mut();
-                    h.msg_hdr.msg_controllen = 0;
+                    h.msg_hdr.msg_control = self.ctrls[i].as_mut_ptr().cast();
+                    h.msg_hdr.msg_controllen = size_of::<Ctrl>() as _;
                 }
                 self.filled = n;
             }
@@ -276,6 +298,7 @@ mod mmsg {
             // more than handling a datagram's Via).
             for h in &mut self.hdrs[..self.filled.min(n)] {
                 h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+                h.msg_hdr.msg_controllen = size_of::<Ctrl>() as _;
                 h.msg_hdr.msg_flags = 0;
                 h.msg_len = 0;
             }
@@ -311,6 +334,53 @@ mod mmsg {
             let addr = from_storage(self.addrs.get(i)?)?;
             Some((h.msg_len as usize, truncated, addr))
         }
+
+        /// When the kernel queued datagram `i` of the last batch (CLOCK_REALTIME, ns), if
+        /// the socket stamps arrivals ([`enable_rx_timestamps`]).
+        // The control lengths are size_t on glibc and socklen_t on musl.
+        #[allow(clippy::unnecessary_cast)]
+        pub(super) fn arrival_ns(&self, i: usize) -> Option<i128> {
+            let h = &self.hdrs.get(i)?.msg_hdr;
+            let len = h.msg_controllen as usize;
+            let want = size_of::<libc::cmsghdr>() + size_of::<libc::timespec>();
+            if i >= self.ctrls.len() || len < want || len > size_of::<Ctrl>() {
+                return None;
+            }
+            // SAFETY: the kernel wrote `len` bytes (checked to fit the buffer) of control
+            // messages into ctrls[i], which is 8-byte aligned; the first is read only when it
+            // is a whole SCM_TIMESTAMPNS, the one control message this socket asks for.
+            unsafe {
+                let c = self.ctrls[i].as_ptr().cast::<libc::cmsghdr>();
+                if (*c).cmsg_level != libc::SOL_SOCKET
+                    || (*c).cmsg_type != libc::SCM_TIMESTAMPNS
+                    || ((*c).cmsg_len as usize) < want
+                {
+                    return None;
+                }
+                let ts = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::timespec>());
+                Some(i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec))
+            }
+        }
+    }
+
+    /// Asks the kernel to stamp each datagram with its arrival time (`SO_TIMESTAMPNS`), so the
+    /// receive thread can tell how long a message waited in the socket queue.
+    pub(super) fn enable_rx_timestamps(sock: &impl AsRawFd) -> io::Result<()> {
+        let on: libc::c_int = 1;
+        // SAFETY: a plain setsockopt with a pointer to a live c_int and its size.
+        let r = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_TIMESTAMPNS,
+                (&on as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     fn from_storage(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
