@@ -22,7 +22,7 @@ fn free_port(ip: &str) -> u16 {
 }
 
 /// A PBX node: answers OPTIONS 200 (so the SBC sees it Up) and records the Call-ID of every
-/// INVITE that reaches it.
+/// INVITE that reaches it, and the method of anything else.
 struct Pbx {
     addr: SocketAddr,
     invites: Arc<Mutex<Vec<String>>>,
@@ -64,7 +64,10 @@ impl Pbx {
                         let cid = String::from_utf8_lossy(m.call_id()).to_string();
                         seen.lock().push(cid);
                     }
-                    _ => {}
+                    Some(other) => {
+                        seen.lock().push(format!("{other:?}"));
+                    }
+                    None => {}
                 }
             }
         });
@@ -229,6 +232,16 @@ fn invites_that_waited_past_the_overload_limit_get_503_and_the_rest_pass() {
         }
     }
     refused.sort();
+    // The caller ACKs each 503 (RFC 3261 17.1.1.3); those ACKs end at the SBC too.
+    for cid in &stalled {
+        let ack = format!(
+            "ACK sip:bob@pbx.test SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK-{cid};rport\r\n\
+             From: <sip:alice@pbx.test>;tag=a-{cid}\r\nTo: <sip:bob@pbx.test>;tag=sbc-overload\r\nCall-ID: {cid}\r\n\
+             CSeq: 1 ACK\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+        );
+        phone.send_to(ack.as_bytes(), sip).expect("send");
+    }
+    std::thread::sleep(Duration::from_millis(300));
     assert_eq!(refused, stalled);
     std::thread::sleep(Duration::from_millis(200));
     assert!(
