@@ -316,8 +316,8 @@ async fn no_failover_when_no_witness_answers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn witness_url_alone_lets_it_fail_over() {
-    // Both nodes probed over UDP; the standby is briefly silent when the
-    // primary dies, so only the witness URL can vouch for the SBC's path.
+    // Both nodes probed over UDP; the standby answers slowly when the primary
+    // dies, so the witness URL is the first to vouch for the SBC's path.
     let witness = HttpPeer::start(200).await;
     let rig = Rig::start(
         "url-witness",
@@ -326,13 +326,20 @@ async fn witness_url_alone_lets_it_fail_over() {
         "",
     )
     .await;
+    // The check asks the URL and the standby at once and takes the first answer: a standby
+    // that answers 40 ms late (still well inside the 100 ms probe timeout, so it stays Up)
+    // leaves the answer to the URL, even on a busy machine.
+    rig.standby.set(Mode::Slow(200, 40));
     rig.primary.stop();
     assert!(
         rig.wait_state(0, NodeState::Down, Duration::from_secs(2))
             .await
     );
     assert!(rig.wait_active(1, Duration::from_secs(1)).await);
-    assert!(!witness.requests().is_empty(), "the witness URL was asked");
+    assert!(
+        eventually(Duration::from_secs(1), || !witness.requests().is_empty()).await,
+        "the witness URL was asked"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

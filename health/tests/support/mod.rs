@@ -30,6 +30,8 @@ pub enum Mode {
     Answer(u16),
     /// Receive and say nothing (a frozen process: the socket still exists).
     Silent,
+    /// Answer with this code after this many milliseconds (UDP only): a slow but live node.
+    Slow(u16, u64),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,6 +163,13 @@ async fn udp_loop(socket: UdpSocket, state: Arc<PeerState>) {
         };
         let text = String::from_utf8_lossy(&buf[..n]).to_string();
         if let Some(reply) = handle(&state, src, &text) {
+            let delay = match *state.mode.lock() {
+                Some(Mode::Slow(_, ms)) => ms,
+                _ => 0,
+            };
+            if delay > 0 {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+            }
             let _ = socket.send_to(reply.as_bytes(), src).await;
         }
     }
@@ -221,7 +230,7 @@ fn handle(state: &PeerState, src: SocketAddr, request: &str) -> Option<String> {
     let mode = (*state.mode.lock())?;
     match mode {
         Mode::Silent => None,
-        Mode::Answer(code) => Some(reply(request, code)),
+        Mode::Answer(code) | Mode::Slow(code, _) => Some(reply(request, code)),
     }
 }
 
