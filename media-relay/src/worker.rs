@@ -560,17 +560,8 @@ impl Worker {
         };
         let budget = ring.rearm_budget().min(self.starved.len());
         for token in self.starved.drain(..budget) {
-            let (idx, gen) = split_token(token);
-            if let Some(ep) = self
-                .slab
-                .get(idx)
-                .filter(|s| s.gen == gen)
-                .and_then(|s| s.ep.as_ref())
-            {
-                let fd = token_fd(ep, token);
-                if fd >= 0 {
-                    ring.arm_recv(fd, token);
-                }
+            if let Some(ep) = live_endpoint(&self.slab, token) {
+                arm(ring, ep, token);
             }
         }
     }
@@ -589,8 +580,8 @@ impl Worker {
         let Some(ring) = uring.as_deref_mut() else {
             return;
         };
-        let (idx, gen) = split_token(token);
-        let live = matches!(slab.get(idx), Some(s) if s.gen == gen && s.ep.is_some());
+        let idx = split_token(token).0;
+        let live = live_endpoint(slab, token).is_some();
         if live && !c.more() {
             // The multishot receive ended: no provided buffer was left, an error (ICMP, ...),
             // or the kernel's own limit. Arm it again, unless the socket cannot take it.
@@ -610,11 +601,8 @@ impl Worker {
                     starved.push_back(token);
                 }
                 _ => {
-                    if let Some(ep) = slab[idx].ep.as_ref() {
-                        let fd = token_fd(ep, token);
-                        if fd >= 0 {
-                            ring.arm_recv(fd, token);
-                        }
+                    if let Some(ep) = live_endpoint(slab, token) {
+                        arm(ring, ep, token);
                     }
                 }
             }
@@ -700,11 +688,7 @@ impl Worker {
         };
         let meta = ring.send_meta(bid);
         ring.recycle(bid);
-        let (idx, gen) = split_token(meta.from);
-        let ep = slab
-            .get(idx)
-            .filter(|s| s.gen == gen)
-            .and_then(|s| s.ep.as_ref());
+        let ep = live_endpoint(slab, meta.from);
         if res >= 0 {
             bump(&totals.packets, 1);
             bump(&totals.bytes, u64::from(meta.len));
@@ -790,7 +774,7 @@ impl Worker {
     /// The hot path: drain one socket, latch, count, forward in one sendmmsg per batch.
     /// Returns true when the socket may still hold packets (it gets no new edge for those).
     fn on_readable(&mut self, token: u64, now: u64) -> bool {
-        let (idx, gen) = split_token(token);
+        let idx = split_token(token).0;
         let Worker {
             slab,
             batch,
@@ -799,9 +783,8 @@ impl Worker {
             ..
         } = self;
         let relatch_ns = *relatch_ns;
-        match slab.get(idx) {
-            Some(s) if s.gen == gen && s.ep.is_some() => {}
-            _ => return false, // event for a socket removed earlier in this round
+        if live_endpoint(slab, token).is_none() {
+            return false; // event for a socket removed earlier in this round
         }
         for _ in 0..ROUNDS_PER_EVENT {
             let Some(ep) = slab[idx].ep.as_mut() else {
@@ -1280,6 +1263,22 @@ const TWIN_BIT: u64 = 1 << 31;
 /// The slab index and generation of a [`slot_token`] (with or without [`TWIN_BIT`]).
 fn split_token(token: u64) -> (usize, u32) {
     ((token & 0x7fff_ffff) as usize, (token >> 32) as u32)
+}
+
+/// The endpoint whose socket (or twin) `token` names, unless that socket was removed since
+/// (its slot empty or reused under another generation).
+#[inline]
+fn live_endpoint(slab: &[Slot], token: u64) -> Option<&Endpoint> {
+    let (idx, gen) = split_token(token);
+    slab.get(idx).filter(|s| s.gen == gen)?.ep.as_ref()
+}
+
+/// Arms the multishot receive of the socket `token` names on `ep`.
+fn arm(ring: &mut Ring, ep: &Endpoint, token: u64) {
+    let fd = token_fd(ep, token);
+    if fd >= 0 {
+        ring.arm_recv(fd, token);
+    }
 }
 
 /// The descriptor a token names: the endpoint's socket or its twin.
