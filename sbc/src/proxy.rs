@@ -1653,20 +1653,9 @@ impl Proxy {
             && msg.to_tag().is_none()
         {
             metrics::counter!("sbc_overload_rejected_total").increment(1);
-            let bytes = edit::response(
-                &msg,
-                503,
-                "Service Unavailable",
-                &ResponseOpts {
-                    extra: b"Retry-After: 2\r\n",
-                    to_tag: Some(b"sbc-overload"),
-                    source: Some((inb.flow.remote.ip(), inb.flow.remote.port())),
-                    server: Some(&self.settings.name),
-                    ..Default::default()
-                },
-            );
             count_response(method, 503, "local");
-            out.push((Dest::Flow(inb.flow), Bytes::from(bytes)));
+            let busy = crate::ratelimit::busy(&msg, inb.flow.remote, 2, &self.settings.name);
+            out.push((Dest::Flow(inb.flow), busy));
             return;
         }
 

@@ -501,8 +501,9 @@ impl Limiter {
 }
 
 /// The 503 a refused request gets: a real client waits `retry_after` seconds and tries again
-/// (RFC 3261 21.5.4), so it is never pushed into the block.
-fn busy(msg: &Message, remote: SocketAddr, retry_after: u32, server: &str) -> Bytes {
+/// (RFC 3261 21.5.4), so it is never pushed into the block. Also the proxy's answer to an
+/// INVITE it sheds under overload.
+pub(crate) fn busy(msg: &Message, remote: SocketAddr, retry_after: u32, server: &str) -> Bytes {
     let extra = format!("Retry-After: {retry_after}\r\n");
     Bytes::from(edit::response(
         msg,

@@ -244,6 +244,7 @@ fn invites_that_waited_past_the_overload_limit_get_503_and_the_rest_pass() {
 
     // Each gets a 503 with Retry-After, straight from the SBC; none reaches the PBX.
     let mut refused = Vec::new();
+    let mut to_tag = String::new();
     let mut buf = vec![0u8; 65535];
     let deadline = Instant::now() + Duration::from_secs(5);
     while refused.len() < stalled.len() && Instant::now() < deadline {
@@ -255,6 +256,7 @@ fn invites_that_waited_past_the_overload_limit_get_503_and_the_rest_pass() {
             let text = String::from_utf8_lossy(&buf[..n]);
             assert!(text.contains("\r\nRetry-After: 2\r\n"), "{text}");
             refused.push(String::from_utf8_lossy(m.call_id()).to_string());
+            to_tag = String::from_utf8_lossy(m.to_tag().unwrap_or_default()).to_string();
         }
     }
     refused.sort();
@@ -262,7 +264,7 @@ fn invites_that_waited_past_the_overload_limit_get_503_and_the_rest_pass() {
     for cid in &stalled {
         let ack = format!(
             "ACK sip:bob@pbx.test SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK-{cid};rport\r\n\
-             From: <sip:alice@pbx.test>;tag=a-{cid}\r\nTo: <sip:bob@pbx.test>;tag=sbc-overload\r\nCall-ID: {cid}\r\n\
+             From: <sip:alice@pbx.test>;tag=a-{cid}\r\nTo: <sip:bob@pbx.test>;tag={to_tag}\r\nCall-ID: {cid}\r\n\
              CSeq: 1 ACK\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
         );
         phone.send_to(ack.as_bytes(), sip).expect("send");
