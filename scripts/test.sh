@@ -15,6 +15,10 @@ export PATH="$PATH:/usr/sbin:/sbin"
 
 bash "$ROOT/scripts/install-deps.sh" </dev/null
 
+# One clean build on CI: incremental state would only double the disk it needs.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+echo "==> disk before the build: $(df -h --output=avail . | tail -1 | tr -d ' ') free"
+
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -26,3 +30,4 @@ python3 packaging/grafana/check_dashboard.py
 
 echo "==> cargo test"
 cargo test --workspace
+echo "==> disk after the build: $(du -sh "${CARGO_TARGET_DIR:-$ROOT/target}" 2>/dev/null | cut -f1) in the target directory, $(df -h --output=avail . | tail -1 | tr -d ' ') free"
