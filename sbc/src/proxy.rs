@@ -248,9 +248,36 @@ pub struct Proxy {
     /// ACK and the requests after it skip them at once instead of each waiting out a branch
     /// timeout. Any response from the node clears it.
     dead_hops: Mutex<AHashMap<usize, Instant>>,
+    /// Re-INVITEs the SBC answered 2xx itself for a dead PBX, by [`own_2xx_key`]: their
+    /// transaction retransmits the 2xx until the ACK, which has its own branch and is matched
+    /// here.
+    own_2xx: Mutex<AHashMap<Box<[u8]>, Own2xx>>,
     /// Itself, for work started from under the core lock that outlives the call (the BYE
     /// on the other leg of a call whose PBX died).
     me: std::sync::Weak<Proxy>,
+}
+
+/// A 2xx the SBC sent as a re-INVITE's UAS, awaiting its ACK.
+struct Own2xx {
+    /// The transaction that retransmits it.
+    id: u64,
+    /// Timer L: past it the transaction is gone and the entry stale.
+    until: Instant,
+}
+
+/// What matches an ACK to its INVITE when they do not share a branch (an ACK for a 2xx):
+/// Call-ID, From tag and CSeq number. The From tag tells apart the two dialogs of a call the
+/// PBX record-routed back through the SBC, which share the Call-ID.
+fn own_2xx_key(msg: &Message) -> Box<[u8]> {
+    let call_id = msg.call_id();
+    let tag = msg.from_tag().unwrap_or_default();
+    let mut key = Vec::with_capacity(call_id.len() + tag.len() + 12);
+    key.extend_from_slice(call_id);
+    key.push(0);
+    key.extend_from_slice(tag);
+    key.push(0);
+    key.extend_from_slice(&msg.cseq().to_be_bytes());
+    key.into_boxed_slice()
 }
 
 /// How long a node stays in `dead_hops` without news.
@@ -358,6 +385,7 @@ impl Proxy {
             limiter: OnceLock::new(),
             local: Mutex::new(AHashMap::default()),
             dead_hops: Mutex::new(AHashMap::default()),
+            own_2xx: Mutex::new(AHashMap::default()),
         })
     }
 
@@ -838,7 +866,21 @@ impl Proxy {
                 return false;
             };
             Self::drop_branch(tx, client_idx);
-            if tx.server.send_response(status, bytes, now) {
+            let sent = if tx.method == Method::Invite && (200..300).contains(&status) {
+                // The SBC is this re-INVITE's UAS now: its 2xx is retransmitted until the
+                // ACK, which is matched by dialog and CSeq (it has its own branch).
+                let sent = tx.server.send_own_2xx(status, bytes, now);
+                if sent && tx.server.retransmitting() {
+                    let until = now + self.settings.timers.t1x64();
+                    let mut own = self.own_2xx.lock();
+                    own.retain(|_, o| o.until > now);
+                    own.insert(own_2xx_key(&tx.request), Own2xx { id, until });
+                }
+                sent
+            } else {
+                tx.server.send_response(status, bytes, now)
+            };
+            if sent {
                 tx.final_sent = true;
                 count_response(tx.method, status, "local");
             }
@@ -1432,7 +1474,8 @@ impl Proxy {
         }
         let next = min_opt(l.server.poll_timeout(), l.client.as_ref().map(|c| c.1));
         if let Some(at) = next {
-            let retransmits = l.server.is_invite() && l.server.state() == State::Completed;
+            let retransmits = l.server.retransmitting()
+                || (l.server.is_invite() && l.server.state() == State::Completed);
             let at = if retransmits || at < now + LINGER_COARSE_AHEAD {
                 at
             } else {
@@ -1440,6 +1483,32 @@ impl Proxy {
             };
             self.schedule(wheel, timer_sleep, &mut l.scheduled, at, id, now);
         }
+    }
+
+    /// An ACK for a 2xx the SBC sent as a re-INVITE's UAS (see `skip_hop`): stops that 2xx's
+    /// retransmissions and is absorbed. False when it is not one.
+    fn ack_own_2xx(&self, core: &mut Core, msg: &Message, now: Instant, out: &mut Out) -> bool {
+        let id = {
+            let mut own = self.own_2xx.lock();
+            if own.is_empty() {
+                return false;
+            }
+            match own.remove(&own_2xx_key(msg)) {
+                Some(o) if o.until > now => o.id,
+                _ => return false,
+            }
+        };
+        let acked = match core.txs.get_mut(&id) {
+            Some(tx) => tx.server.handle_own_2xx_ack(),
+            None => core
+                .linger
+                .get_mut(&id)
+                .is_some_and(|l| l.server.handle_own_2xx_ack()),
+        };
+        if acked {
+            self.drive(core, id, now, out);
+        }
+        acked
     }
 
     /// Sends a locally generated final response upstream if none was sent yet.
@@ -1513,6 +1582,9 @@ impl Proxy {
         if method == Method::Ack {
             {
                 let mut core = self.core.lock();
+                if self.ack_own_2xx(&mut core, &msg, now, out) {
+                    return;
+                }
                 let ikey = TxKey {
                     branch: key.branch.clone(),
                     method: MethodKey::Invite,
@@ -1535,6 +1607,8 @@ impl Proxy {
             let (dest, public_flow, pops) = match self.route(&msg, inb) {
                 Target::Forward { dest, public_flow } => (dest, public_flow, None),
                 Target::Skip(h) => (h.dest, h.public_flow, Some(h.pops)),
+                // It completes a 2xx the SBC sent for the dead PBX (`answer_orphan`).
+                Target::Orphan { .. } => return,
                 _ => {
                     metrics::counter!("sbc_dropped_total", "reason" => "ack_unroutable")
                         .increment(1);

@@ -11,7 +11,7 @@
 //! used as a proxying PBX (skipped when Kamailio is not installed, as in the other Kamailio
 //! tests).
 
-use sbc_sip::{Method, Transport};
+use sbc_sip::{Message, Method, Transport};
 use sbc_tests::b2bua::{B2bua, B2buaConfig};
 use sbc_tests::kamailio::{kamailio_available, KamailioPbx};
 use sbc_tests::net::{count_rtp, free_udp, rtp, send_rtp};
@@ -479,6 +479,76 @@ async fn bridged_call_outlives_the_b2bua() {
         free_ports(&sbc),
         ports_before,
         "relay ports back in the pool"
+    );
+    sbc.shutdown();
+}
+
+/// The SBC's own 200 to a refresh is retransmitted until the ACK. A re-INVITE sent before
+/// health calls the B2BUA Down gets the SBC's 100 Trying, waits out the branch timeout and
+/// is then answered 200 by the SBC, so its sender no longer retransmits: were that 200 lost
+/// and not repeated, the sender's re-INVITE would time out and end the call (RFC 3261 14.1).
+/// Here the first copy is lost; the second arrives T1 later; the ACK stops the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_200_to_a_refresh_for_a_dead_b2bua_is_retransmitted() {
+    let pbx_addr = free_udp("127.0.0.2");
+    let trunk_addr = free_udp("127.0.0.67");
+    // Health never calls the node Down in this test: every refresh meets a live-looking
+    // PBX first, and the SBC answers it only after the branch timeout.
+    let cfg = config(pbx_addr, Some(("127.0.0.67", trunk_addr)), (21400, 21499))
+        .replace("failures = 2", "failures = 100");
+    let sbc = start_sbc(&cfg).await;
+    let udp = sbc.addr(Transport::Udp).expect("udp");
+    let pbx = B2bua::start(B2buaConfig::new(pbx_addr, "pbx.test", udp).trunk("9", "carrier.test"))
+        .await
+        .expect("b2bua");
+    wait_node(&sbc, sbc_health::state::NodeState::Up).await;
+    let alice = phone(&sbc, "alice", "").await;
+    let trunk = Trunk::start(trunk_addr, udp).await.expect("trunk");
+    let (call, answered) = tokio::join!(alice.invite("sip:95551234@pbx.test"), async {
+        let inc = trunk
+            .wait_invite(Duration::from_secs(3))
+            .await
+            .expect("trunk gets INVITE");
+        trunk.answer(&inc, 200).await.expect("answer")
+    });
+    let mut call = call.expect("call");
+    let _tcall = answered;
+    let at_alice = call.remote_media().expect("SDP at alice");
+    pbx.stop().await;
+
+    let is_refresh_200 = |m: &Message| m.status() == Some(200) && m.cseq_method() == Method::Invite;
+    alice.endpoint().drop_incoming(1, is_refresh_200);
+    let t0 = Instant::now();
+    let r = alice.reinvite(&mut call).await.expect("re-INVITE");
+    let took = t0.elapsed();
+    assert_eq!(r.status(), Some(200), "alice's refresh answered");
+    assert_eq!(sdp_media_addr(r.body()), Some(at_alice), "the current SDP");
+    assert_eq!(
+        alice.endpoint().dropped_count(),
+        1,
+        "the first 200 was lost"
+    );
+    // Branch timeout (400 ms), then T1 (500 ms) until the copy.
+    assert!(took >= Duration::from_millis(850), "{took:?}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    let got = |status: u16| {
+        alice
+            .endpoint()
+            .received_log()
+            .iter()
+            .filter(|(m, _)| m.status() == Some(status) && m.cseq() == call.cseq)
+            .count()
+    };
+    assert_eq!(got(100), 1, "the SBC's 100 Trying came first");
+    // Alice's ACK stops the copies: without it the next would come 2*T1 after hers.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_eq!(got(200), 1, "no 200 after the ACK");
+    assert!(
+        trunk
+            .wait_request(Method::Ack, Duration::from_millis(100))
+            .await
+            .is_err(),
+        "the ACK ends at the SBC"
     );
     sbc.shutdown();
 }

@@ -100,7 +100,7 @@ impl Default for TimerConfig {
 
 impl TimerConfig {
     /// 64*T1: Timers B, F, H, J, L and M.
-    fn t1x64(&self) -> Duration {
+    pub fn t1x64(&self) -> Duration {
         self.t1.saturating_mul(64)
     }
 

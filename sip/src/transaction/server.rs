@@ -131,13 +131,61 @@ impl ServerTransaction {
         true
     }
 
+    /// Like a 2xx through [`ServerTransaction::send_response`], for an INVITE the TU answers
+    /// as its UAS (the SBC answering a session refresh for a dead PBX), so it takes on the UAS
+    /// core's duty of RFC 3261 13.3.1.4 that a proxy never has: on an unreliable transport
+    /// the 2xx is retransmitted, T1 doubling up to T2, until
+    /// [`ServerTransaction::handle_own_2xx_ack`] or Timer L (64*T1), and a retransmitted
+    /// INVITE gets it again. A proxied 2xx needs none of that (its UAS retransmits it), but
+    /// this one follows our 100 Trying: lost once, the caller would wait out Timer B, and a
+    /// UA whose re-INVITE times out ends the call (RFC 3261 14.1).
+    ///
+    /// Returns false and sends nothing unless this is an INVITE still in Proceeding and
+    /// `status` is a 2xx.
+    pub fn send_own_2xx(&mut self, status: u16, response: Bytes, now: Instant) -> bool {
+        if !self.invite || !(200..300).contains(&status) || self.state != State::Proceeding {
+            return false;
+        }
+        self.state = State::Accepted;
+        self.linger = after(now, self.cfg.t1x64());
+        if !self.reliable {
+            self.retransmit = Retransmit::start(now, self.cfg.t1);
+        }
+        self.send(status, response, !self.reliable);
+        true
+    }
+
+    /// The ACK for a 2xx sent with [`ServerTransaction::send_own_2xx`] arrived (matched by
+    /// the TU: it has its own branch): retransmissions stop; the transaction lingers until
+    /// Timer L still. Returns true when it was awaited, false for anything else (a repeated
+    /// ACK, a proxied 2xx, another state).
+    pub fn handle_own_2xx_ack(&mut self) -> bool {
+        if self.state != State::Accepted || self.last_response.is_none() {
+            return false;
+        }
+        self.retransmit = None;
+        self.last_response = None;
+        true
+    }
+
+    /// Whether a retransmission timer runs (Timer G, or an own 2xx's), so a caller that
+    /// rounds timers knows to keep this one exact.
+    pub fn retransmitting(&self) -> bool {
+        self.retransmit.is_some()
+    }
+
     /// A retransmission of the original request arrived. In Proceeding the last provisional
     /// (if any) and in Completed the final are re-sent, because the retransmission means the
-    /// client did not get them. In every other state it is absorbed: in Trying there is nothing
-    /// to send yet, in Accepted the 2xx is the TU's to retransmit, and in Confirmed the
-    /// exchange is over. Either way the TU never sees it.
+    /// client did not get them; so is an own 2xx not yet ACKed (see
+    /// [`ServerTransaction::send_own_2xx`]). In every other state it is absorbed: in Trying
+    /// there is nothing to send yet, in Accepted a proxied 2xx is the TU's to retransmit, and
+    /// in Confirmed the exchange is over. Either way the TU never sees it.
     pub fn handle_request_retransmit(&mut self, _now: Instant) {
-        if matches!(self.state, State::Proceeding | State::Completed) {
+        // In Accepted a response is kept only while an own 2xx awaits its ACK.
+        if matches!(
+            self.state,
+            State::Proceeding | State::Completed | State::Accepted
+        ) {
             if let Some(response) = &self.last_response {
                 self.transmits.push_back(response.clone());
             }
@@ -441,6 +489,70 @@ mod tests {
             assert_eq!(tx.last_status(), Some(200));
             assert_inert(&mut tx, base + ms(34000));
         }
+    }
+
+    #[test]
+    fn own_2xx_is_retransmitted_until_its_ack_on_udp_only() {
+        // 100 at 0, own 200 at 1 s: copies at 1.5, 2.5, 4.5, 8.5, 12.5 s (T1 doubling to T2);
+        // a retransmitted INVITE gets it too; the ACK at 13 s stops it; Timer L at 33 s.
+        let base = Instant::now();
+        let mut tx = server(true, false, base);
+        assert!(tx.send_response(100, resp(100), base));
+        assert!(!tx.send_own_2xx(486, resp(486), base + ms(1000)));
+        assert!(tx.send_own_2xx(200, resp(200), base + ms(1000)));
+        assert_eq!(tx.state(), State::Accepted);
+        assert!(tx.retransmitting());
+        assert_eq!(transmits(&mut tx), vec![resp(100), resp(200)]);
+        assert_eq!(tx.poll_timeout(), Some(base + ms(1500)));
+        assert_eq!(
+            run_until(&mut tx, base, ms(12999)),
+            vec![1500, 2500, 4500, 8500, 12500]
+        );
+        tx.handle_request_retransmit(base + ms(12700));
+        assert_eq!(transmits(&mut tx), vec![resp(200)]);
+        // The ACK is the TU's to match (its own branch), and it tells the transaction once.
+        assert!(!tx.handle_ack(base + ms(13000)));
+        assert!(tx.handle_own_2xx_ack());
+        assert!(!tx.handle_own_2xx_ack());
+        assert!(!tx.retransmitting());
+        tx.handle_request_retransmit(base + ms(13100));
+        assert_eq!(tx.poll_transmit(), None);
+        assert_eq!(run_until(&mut tx, base, ms(32999)), Vec::<u64>::new());
+        assert_eq!(tx.poll_event(), None);
+        run_until(&mut tx, base, ms(33000));
+        assert_eq!(events(&mut tx), vec![ServerEvent::Terminated]);
+        assert_inert(&mut tx, base + ms(33000));
+
+        // Never ACKed: retransmitted up to Timer L, then terminated (no AckTimeout: a 2xx's
+        // missing ACK is the TU's business).
+        let mut tx = server(true, false, base);
+        assert!(tx.send_own_2xx(200, resp(200), base));
+        assert_eq!(drain(&mut tx), 1);
+        let sent = run_until(&mut tx, base, ms(40000));
+        assert_eq!(
+            sent,
+            vec![500, 1500, 3500, 7500, 11500, 15500, 19500, 23500, 27500, 31500]
+        );
+        assert_eq!(events(&mut tx), vec![ServerEvent::Terminated]);
+
+        // TCP/TLS: sent once, nothing kept, the ACK finds nothing to stop.
+        let mut tx = server(true, true, base);
+        assert!(tx.send_own_2xx(200, resp(200), base));
+        assert!(!tx.retransmitting());
+        assert_eq!(transmits(&mut tx), vec![resp(200)]);
+        tx.handle_request_retransmit(base + ms(10));
+        assert_eq!(tx.poll_transmit(), None);
+        assert!(!tx.handle_own_2xx_ack());
+        assert_eq!(run_until(&mut tx, base, ms(31999)), Vec::<u64>::new());
+        run_until(&mut tx, base, ms(32000));
+        assert_eq!(events(&mut tx), vec![ServerEvent::Terminated]);
+
+        // Only from Proceeding, and never for a non-INVITE.
+        let mut tx = server(true, false, base);
+        assert!(tx.send_response(486, resp(486), base));
+        assert!(!tx.send_own_2xx(200, resp(200), base));
+        let mut tx = server(false, false, base);
+        assert!(!tx.send_own_2xx(200, resp(200), base));
     }
 
     #[test]
