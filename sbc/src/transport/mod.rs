@@ -41,6 +41,7 @@
 //! every [`Inbound`] on that connection, and in [`Handler::on_flow_closed`].
 
 mod sockets;
+mod stamp;
 mod stats;
 mod stream;
 mod tls;
@@ -109,8 +110,9 @@ pub struct Inbound {
     pub data: Bytes,
     /// When the read that completed it returned, for latency accounting.
     pub received_at: Instant,
-    /// How long it waited in the kernel's socket queue before that read (UDP, from the
-    /// kernel's arrival stamp; zero where unknown): the SBC's overload signal.
+    /// How long it waited in the kernel's socket queue before that read, from the kernel's
+    /// arrival stamp (UDP: of its datagram; TCP/TLS: of the newest segment that read took;
+    /// zero where unknown): the SBC's overload signal.
     pub queued: Duration,
 }
 

@@ -29,6 +29,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
+use super::stamp::{self, StampedTcp};
 use super::stats::{self, CloseReason};
 use super::{ConnId, Dest, Flow, Inbound, Inner, SendError};
 
@@ -603,6 +604,7 @@ async fn run_inbound(
     if let Err(err) = tcp.set_nodelay(true) {
         tracing::debug!(%flow, error = %err, "set_nodelay failed");
     }
+    let tcp = StampedTcp::new(tcp);
     let Some(acceptor) = acceptor else {
         serve(&inner, &mut guard, &ctl, flow, tcp).await;
         return;
@@ -641,8 +643,8 @@ async fn run_inbound(
 }
 
 enum Connected {
-    Tcp(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Tcp(StampedTcp),
+    Tls(Box<tokio_rustls::client::TlsStream<StampedTcp>>),
 }
 
 async fn connect(
@@ -659,6 +661,7 @@ async fn connect(
     if let Err(err) = tcp.set_nodelay(true) {
         tracing::debug!(%remote, error = %err, "set_nodelay failed");
     }
+    let tcp = StampedTcp::new(tcp);
     let Some(name) = sni else {
         return Ok(Connected::Tcp(tcp));
     };
@@ -731,7 +734,8 @@ where
 
 /// One read from `rd` into the thread's scratch buffer, appended to `framer` (made when the
 /// first bytes of a message arrive) before the poll returns. Resolves to the number of bytes
-/// read, 0 at end of stream.
+/// read, 0 at end of stream, and the kernel's arrival stamp of the newest of them when the
+/// read reached a [`StampedTcp`] socket.
 ///
 /// Correct for any `AsyncRead` because a read that returns `Pending` has put nothing in the
 /// buffer, so the scratch buffer holds nothing of this connection between polls.
@@ -739,7 +743,7 @@ fn read_some<'a, R>(
     rd: &'a mut R,
     framer: &'a mut Option<StreamFramer>,
     max_message_size: usize,
-) -> impl Future<Output = io::Result<usize>> + 'a
+) -> impl Future<Output = io::Result<(usize, Option<i128>)>> + 'a
 where
     R: AsyncRead + Unpin,
 {
@@ -750,6 +754,7 @@ where
             .with(Cell::take)
             .unwrap_or_else(|| vec![0u8; READ_CHUNK].into_boxed_slice());
         let mut rb = ReadBuf::new(&mut scratch);
+        stamp::clear_stream_stamp();
         let r = match Pin::new(&mut *rd).poll_read(cx, &mut rb) {
             Poll::Ready(Ok(())) => {
                 let data = rb.filled();
@@ -758,7 +763,7 @@ where
                         .get_or_insert_with(|| StreamFramer::new(max_message_size))
                         .push(data);
                 }
-                Poll::Ready(Ok(data.len()))
+                Poll::Ready(Ok((data.len(), stamp::take_stream_stamp())))
             }
             Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
             Poll::Pending => Poll::Pending,
@@ -785,6 +790,9 @@ where
     // When the bytes still buffered (a message not yet complete) began to arrive: the rest
     // must come within message_timeout.
     let mut partial_since: Option<tokio::time::Instant> = None;
+    // The arrival stamp of the newest data read: a TLS read that returns plaintext decrypted
+    // from an earlier read has none of its own.
+    let mut arrived: Option<i128> = None;
     loop {
         let read = read_some(&mut rd, &mut framer, max);
         let r = match partial_since {
@@ -799,14 +807,16 @@ where
             None => read.await,
         };
         match r {
-            Ok(0) => return CloseReason::Eof,
-            Ok(_) => {}
+            Ok((0, _)) => return CloseReason::Eof,
+            Ok((_, stamp)) => arrived = stamp.or(arrived),
             Err(err) => {
                 tracing::debug!(%flow, error = %err, "read failed");
                 return CloseReason::Error;
             }
         }
         let received_at = Instant::now();
+        // How long the newest data waited in the kernel: the overload signal.
+        let queued = stamp::waited(arrived, stamp::realtime_ns());
         activity.touch();
         let Some(fr) = framer.as_mut() else {
             continue;
@@ -822,7 +832,7 @@ where
                         flow,
                         data,
                         received_at,
-                        queued: Duration::ZERO,
+                        queued,
                     },
                 ),
                 Ok(Some(Frame::Ping)) => {

@@ -10,7 +10,7 @@ use sbc_sip::Transport;
 use std::net::UdpSocket;
 use std::sync::atomic::Ordering;
 
-use super::{stats, Dest, Flow, Inbound, Inner, SendError};
+use super::{stamp, stats, Dest, Flow, Inbound, Inner, SendError};
 
 /// Largest UDP payload over IPv4/IPv6 without jumbograms.
 const RECV_BUFFER: usize = 65535;
@@ -34,7 +34,7 @@ pub(super) fn recv_thread(inner: Arc<Inner>, entry: Arc<UdpEntry>) {
     let slot = inner.cfg.max_message_size.clamp(1024, RECV_BUFFER) + 1;
     let mut bufs = vec![0u8; slot * BATCH];
     let mut batch = mmsg::RecvBatch::new(BATCH);
-    if let Err(err) = mmsg::enable_rx_timestamps(&entry.socket) {
+    if let Err(err) = stamp::enable(&entry.socket) {
         tracing::debug!(local = %entry.local, error = %err, "no UDP arrival timestamps");
     }
     while !inner.shut_down.load(Ordering::Acquire) {
@@ -60,7 +60,7 @@ pub(super) fn recv_thread(inner: Arc<Inner>, entry: Arc<UdpEntry>) {
             }
         };
         let received_at = Instant::now();
-        let now_ns = realtime_ns();
+        let now_ns = stamp::realtime_ns();
         // Replies produced while handling this batch leave in one sendmmsg per socket: fewer
         // system calls and fewer wake-ups of the peers.
         SEND_BATCH.with(|b| b.borrow_mut().active = true);
@@ -86,10 +86,7 @@ pub(super) fn recv_thread(inner: Arc<Inner>, entry: Arc<UdpEntry>) {
                 conn: None,
             };
             // How long it waited in the socket queue: the overload signal.
-            let queued = batch
-                .arrival_ns(i)
-                .and_then(|t| u64::try_from(now_ns - t).ok())
-                .map_or(Duration::ZERO, Duration::from_nanos);
+            let queued = stamp::waited(batch.arrival_ns(i), now_ns);
             super::deliver(
                 &*inner.handler,
                 Inbound {
@@ -109,13 +106,6 @@ pub(super) fn recv_thread(inner: Arc<Inner>, entry: Arc<UdpEntry>) {
             inner.flush_udp_batch(pending);
         }
     }
-}
-
-/// CLOCK_REALTIME in ns, the clock of the kernel's arrival stamps.
-fn realtime_ns() -> i128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i128)
 }
 
 /// Datagrams queued by sends made while a receive batch is being handled on this thread.
@@ -230,8 +220,7 @@ mod mmsg {
     use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
     use std::os::fd::AsRawFd;
 
-    /// Room for one `SCM_TIMESTAMPNS` control message (a `timespec`), 8-byte aligned.
-    type Ctrl = [u64; 8];
+    use super::super::stamp::{self, Ctrl};
 
     pub(super) struct RecvBatch {
         hdrs: Vec<libc::mmsghdr>,
@@ -336,51 +325,13 @@ mod mmsg {
         }
 
         /// When the kernel queued datagram `i` of the last batch (CLOCK_REALTIME, ns), if
-        /// the socket stamps arrivals ([`enable_rx_timestamps`]).
+        /// the socket stamps arrivals ([`stamp::enable`]).
         // The control lengths are size_t on glibc and socklen_t on musl.
         #[allow(clippy::unnecessary_cast)]
         pub(super) fn arrival_ns(&self, i: usize) -> Option<i128> {
             let h = &self.hdrs.get(i)?.msg_hdr;
-            let len = h.msg_controllen as usize;
-            let want = size_of::<libc::cmsghdr>() + size_of::<libc::timespec>();
-            if i >= self.ctrls.len() || len < want || len > size_of::<Ctrl>() {
-                return None;
-            }
-            // SAFETY: the kernel wrote `len` bytes (checked to fit the buffer) of control
-            // messages into ctrls[i], which is 8-byte aligned; the first is read only when it
-            // is a whole SCM_TIMESTAMPNS, the one control message this socket asks for.
-            unsafe {
-                let c = self.ctrls[i].as_ptr().cast::<libc::cmsghdr>();
-                if (*c).cmsg_level != libc::SOL_SOCKET
-                    || (*c).cmsg_type != libc::SCM_TIMESTAMPNS
-                    || ((*c).cmsg_len as usize) < want
-                {
-                    return None;
-                }
-                let ts = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::timespec>());
-                Some(i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec))
-            }
+            stamp::from_cmsgs(self.ctrls.get(i)?, h.msg_controllen as usize)
         }
-    }
-
-    /// Asks the kernel to stamp each datagram with its arrival time (`SO_TIMESTAMPNS`), so the
-    /// receive thread can tell how long a message waited in the socket queue.
-    pub(super) fn enable_rx_timestamps(sock: &impl AsRawFd) -> io::Result<()> {
-        let on: libc::c_int = 1;
-        // SAFETY: a plain setsockopt with a pointer to a live c_int and its size.
-        let r = unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_TIMESTAMPNS,
-                (&on as *const libc::c_int).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
     }
 
     fn from_storage(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
