@@ -4,166 +4,15 @@
 //! stamps datagrams and TCP segments alike); a raw UDP socket stands in for the PBX; the
 //! admin endpoint's /metrics is read over a plain TCP connection.
 
+mod common;
+
 use bytes::Bytes;
-use parking_lot::Mutex;
+use common::{eventually, free_port, invite, metric, signal, start_sbc, stop, Pbx};
 use sbc_sip::message::Message;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-fn free_port(ip: &str) -> u16 {
-    let s = UdpSocket::bind(format!("{ip}:0")).expect("bind");
-    let t = std::net::TcpListener::bind(format!("{ip}:0")).expect("bind");
-    // A port free for both (the SIP socket is UDP, the admin endpoint TCP).
-    let _ = t;
-    s.local_addr().expect("addr").port()
-}
-
-/// A PBX node: answers OPTIONS 200 (so the SBC sees it Up) and records the Call-ID of every
-/// INVITE that reaches it, and the method of anything else.
-struct Pbx {
-    addr: SocketAddr,
-    invites: Arc<Mutex<Vec<String>>>,
-    stop: Arc<AtomicBool>,
-}
-
-impl Pbx {
-    fn start(ip: &str) -> Pbx {
-        let s = UdpSocket::bind(format!("{ip}:0")).expect("bind");
-        s.set_read_timeout(Some(Duration::from_millis(50)))
-            .expect("timeout");
-        let addr = s.local_addr().expect("addr");
-        let invites = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (seen, stopped) = (invites.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 65535];
-            while !stopped.load(Ordering::Relaxed) {
-                let Ok((n, from)) = s.recv_from(&mut buf) else {
-                    continue;
-                };
-                let Ok(m) = Message::parse(Bytes::copy_from_slice(&buf[..n])) else {
-                    continue;
-                };
-                match m.method() {
-                    Some(sbc_sip::Method::Options) => {
-                        let r = sbc_sip::edit::response(
-                            &m,
-                            200,
-                            "OK",
-                            &sbc_sip::edit::ResponseOpts {
-                                to_tag: Some(b"pbx"),
-                                ..Default::default()
-                            },
-                        );
-                        let _ = s.send_to(&r, from);
-                    }
-                    Some(sbc_sip::Method::Invite) => {
-                        let cid = String::from_utf8_lossy(m.call_id()).to_string();
-                        seen.lock().push(cid);
-                    }
-                    Some(other) => {
-                        seen.lock().push(format!("{other:?}"));
-                    }
-                    None => {}
-                }
-            }
-        });
-        Pbx {
-            addr,
-            invites,
-            stop,
-        }
-    }
-
-    fn saw(&self, call_id: &str) -> bool {
-        self.invites.lock().iter().any(|c| c == call_id)
-    }
-}
-
-impl Drop for Pbx {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-struct Sbc(Child);
-
-impl Drop for Sbc {
-    fn drop(&mut self) {
-        // SAFETY: plain kill(2) on our own child's pid; a stopped child must be continued to
-        // die of the kill that follows.
-        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGCONT) };
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn signal(child: &Child, sig: libc::c_int) {
-    // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, sig) }, 0);
-}
-
-/// Stops the child and returns once every one of its threads is stopped: kill(2) returns
-/// before a thread running on another core has taken the signal, and on a busy machine that
-/// thread could still read the datagrams sent next.
-fn stop(child: &Child) {
-    signal(child, libc::SIGSTOP);
-    let tasks = format!("/proc/{}/task", child.id());
-    eventually(
-        "every thread of the SBC stopped",
-        Duration::from_secs(5),
-        || {
-            std::fs::read_dir(&tasks).is_ok_and(|dir| {
-                dir.filter_map(Result::ok).all(|t| {
-                    // The state follows the ")" that closes the command name.
-                    std::fs::read_to_string(t.path().join("stat")).is_ok_and(|st| {
-                        st.rsplit_once(')')
-                            .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
-                    })
-                })
-            })
-        },
-    );
-}
-
-fn invite(via: &str, phone: SocketAddr, call_id: &str) -> String {
-    let p = phone.port();
-    format!(
-        "INVITE sip:bob@pbx.test SIP/2.0\r\nVia: SIP/2.0/{via} {phone};branch=z9hG4bK-{call_id};rport\r\n\
-         From: <sip:alice@pbx.test>;tag=a-{call_id}\r\nTo: <sip:bob@pbx.test>\r\nCall-ID: {call_id}\r\n\
-         CSeq: 1 INVITE\r\nContact: <sip:alice@127.0.0.8:{p}>\r\nMax-Forwards: 70\r\n\
-         Content-Length: 0\r\n\r\n"
-    )
-}
-
-fn eventually(what: &str, wait: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + wait;
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("timed out waiting for: {what}");
-}
-
-fn metric(admin: SocketAddr, name: &str) -> Option<f64> {
-    let mut c = TcpStream::connect(admin).ok()?;
-    c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: sbc\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let mut body = String::new();
-    c.read_to_string(&mut body).ok()?;
-    body.lines()
-        .find(|l| l.split_whitespace().next() == Some(name))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-}
 
 /// The trunk's end of its connection to the SBC.
 enum Link {
@@ -287,41 +136,9 @@ fn pki() -> (String, String, String) {
     (ca_cert.pem(), cert.pem(), key.serialize_pem())
 }
 
-/// Starts `sbc run` on `cfg` and returns once it logs that it runs.
-fn start_sbc(cfg: &Path) -> Sbc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sbc"))
-        .args(["run", "--config"])
-        .arg(cfg)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .env_remove("SBC_ADMIN_TOKEN")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn sbc");
-    // The log goes to stdout.
-    let stdout = child.stdout.take().expect("stdout");
-    let sbc = Sbc(child);
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut log = Vec::new();
-    while !log.iter().any(|l: &String| l.contains("sbc running")) {
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(line) => log.push(line),
-            Err(_) => panic!("sbc did not start:\n{}", log.join("\n")),
-        }
-    }
-    sbc
-}
-
 /// The drill over `transport`, with the SBC's listener on `sip_ip`.
 fn drill(transport: &str, sip_ip: &str) {
-    let pbx = Pbx::start("127.0.0.7");
+    let pbx = Pbx::start("127.0.0.7", false);
     let (sip_port, admin_port) = (free_port(sip_ip), free_port(sip_ip));
     let sip: SocketAddr = format!("{sip_ip}:{sip_port}").parse().expect("addr");
     let admin: SocketAddr = format!("{sip_ip}:{admin_port}").parse().expect("addr");
