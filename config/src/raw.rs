@@ -48,6 +48,7 @@ pub(crate) struct RawConfig {
 pub(crate) struct RawGeneral {
     pub name: Option<Text>,
     pub secret: Option<Text>,
+    pub drain_secs: Option<Int>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -65,6 +65,12 @@ pub struct General {
     /// comes back through another node or after a restart. `None` means a
     /// random key per process. At least 16 characters when set.
     pub secret: Option<String>,
+    /// On SIGTERM, drain for up to this long before stopping: new calls get 503 while the
+    /// calls in progress end (a planned restart of one SBC of a cluster drops no call).
+    /// Zero (the default) stops at once, as a single SBC should: while it drains, nobody
+    /// takes its new calls. Also the default length of an operator's `POST /drain` when
+    /// set.
+    pub drain: std::time::Duration,
 }
 
 impl Default for General {
@@ -72,6 +78,7 @@ impl Default for General {
         General {
             name: "sbc".to_string(),
             secret: None,
+            drain: std::time::Duration::ZERO,
         }
     }
 }
@@ -82,6 +89,7 @@ impl fmt::Debug for General {
         f.debug_struct("General")
             .field("name", &self.name)
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("drain", &self.drain)
             .finish()
     }
 }

@@ -243,6 +243,13 @@ impl Ctx<'_> {
             }
             general.secret = Some(secret.get_ref().clone());
         }
+        general.drain = std::time::Duration::from_secs(self.int(
+            raw.drain_secs.as_ref(),
+            "general.drain_secs",
+            0..=86_400,
+            0,
+            "seconds",
+        )?);
         Ok(general)
     }
 

@@ -706,6 +706,16 @@ fn bad_names_and_secrets() {
     err_at(&text, "name = \"\"", "general.name", "1 to 64");
     let text = with("[general]\nname = \"a\\u0007b\"\n");
     err_at(&text, "name = \"a", "general.name", "control characters");
+    let text = with("[general]\ndrain_secs = 90000\n");
+    err_at(
+        &text,
+        "drain_secs",
+        "general.drain_secs",
+        "must be from 0 to 86400 seconds",
+    );
+    assert_eq!(ok(BASE).general.drain, std::time::Duration::ZERO);
+    let c = ok(&with("[general]\ndrain_secs = 600\n"));
+    assert_eq!(c.general.drain, std::time::Duration::from_secs(600));
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! The admin HTTP endpoint: Prometheus metrics, a JSON status, and the operator's commands
-//! (manual failover, failback, maintenance, reload).
+//! (manual failover, failback, maintenance, reload, drain).
 //!
 //! Plain HTTP/1.1 on hyper, no framework: six routes do not need one, and hyper is already
 //! in the build for the health crate's probes. The endpoint binds `admin.listen` (loopback by
@@ -15,6 +15,7 @@
 //! | POST | `/pools/{pool}/failback` | moves the pool back to its highest-priority Up node |
 //! | POST | `/nodes/{node}/maintenance` | `?state=on` / `?state=off`, or a JSON body `{"on": true}` |
 //! | POST | `/reload` | reloads the config file: 200 with the [`ReloadReport`], 422 with the error; 501 unless enabled ([`crate::Sbc::enable_reload_api`]) |
+//! | POST | `/drain` | starts draining (see [`crate::drain`]; `?timeout_secs=` optional) and answers the [`crate::drain::DrainReport`]; `?state=off` calls it off (409 when none runs or it is a shutdown's) |
 //!
 //! Errors are JSON `{"error": "..."}`: 401 bad or missing token, 404 unknown path, pool or
 //! node, 405 wrong method, 400 bad arguments, 409 a command the pool's state refuses (no
@@ -99,6 +100,11 @@ pub struct AdminContext {
     pub certs: Arc<RwLock<Vec<CertExpiry>>>,
     /// Renders `/metrics`.
     pub prometheus: PrometheusHandle,
+    /// `POST /drain` and the drain in `/status`.
+    pub drain: Arc<crate::drain::Drain>,
+    /// `general.drain_secs`: a `POST /drain` without `timeout_secs` drains this long (600 s
+    /// when it is zero).
+    pub drain_default: Duration,
 }
 
 struct State {
@@ -283,6 +289,9 @@ pub struct StatusReport {
     /// and whether it outlived that node.
     #[serde(default)]
     pub call_list: Vec<CallReport>,
+    /// The drain in progress (new calls refused until the calls left end), if any.
+    #[serde(default)]
+    pub drain: Option<crate::drain::DrainReport>,
 }
 
 /// One dialog in [`StatusReport::call_list`]. A call the PBX bridged (two dialogs) or
@@ -425,6 +434,7 @@ impl State {
             connections: ctx.transports.connection_count(),
             calls: ctx.proxy.media().map_or(0, |m| m.dialogs()),
             media_sessions: ctx.proxy.media().map_or(0, |m| m.sessions()),
+            drain: ctx.drain.report(),
             call_list: ctx
                 .proxy
                 .media()
@@ -621,6 +631,7 @@ async fn route(state: &State, req: Request<Incoming>) -> Result<Reply, Reply> {
         ["status"] => ("GET", Route::Status),
         ["registrations"] => ("GET", Route::Registrations),
         ["reload"] => ("POST", Route::Reload),
+        ["drain"] => ("POST", Route::Drain),
         ["pools", pool, "failover"] => ("POST", Route::Failover(pool)),
         ["pools", pool, "failback"] => ("POST", Route::Failback(pool)),
         ["nodes", node, "maintenance"] => ("POST", Route::Maintenance(node)),
@@ -628,7 +639,7 @@ async fn route(state: &State, req: Request<Incoming>) -> Result<Reply, Reply> {
             return Err(Reply::error(
                 StatusCode::NOT_FOUND,
                 format!(
-                    "no such endpoint {path}; try GET /status, GET /registrations, GET /metrics, POST /pools/{{pool}}/failover, POST /pools/{{pool}}/failback, POST /nodes/{{node}}/maintenance, POST /reload"
+                    "no such endpoint {path}; try GET /status, GET /registrations, GET /metrics, POST /pools/{{pool}}/failover, POST /pools/{{pool}}/failback, POST /nodes/{{node}}/maintenance, POST /reload, POST /drain"
                 ),
             ))
         }
@@ -646,6 +657,7 @@ async fn route(state: &State, req: Request<Incoming>) -> Result<Reply, Reply> {
         Route::Status => Ok(Reply::json(StatusCode::OK, &state.status())),
         Route::Registrations => Ok(state.registrations(&query)),
         Route::Reload => reload(state).await,
+        Route::Drain => drain(state, &query),
         Route::Failover(pool) => failover(state, pool, &query),
         Route::Failback(pool) => failback(state, pool),
         Route::Maintenance(node) => {
@@ -660,6 +672,7 @@ enum Route<'a> {
     Status,
     Registrations,
     Reload,
+    Drain,
     Failover(&'a str),
     Failback(&'a str),
     Maintenance(&'a str),
@@ -717,6 +730,53 @@ pub struct SwitchReport {
     pub active: Option<String>,
     /// Whether the active node moved (a failback with the primary active is a no-op).
     pub changed: bool,
+}
+
+/// Drain timeouts an operator may ask for: up to a day.
+const MAX_DRAIN: Duration = Duration::from_secs(86_400);
+
+/// `POST /drain[?timeout_secs=N]` starts draining (or moves the deadline of the drain in
+/// progress) and answers the drain's state; `?state=off` calls it off (409 when there is
+/// none, or it is a shutdown's).
+fn drain(state: &State, query: &str) -> Result<Reply, Reply> {
+    if let Some(v) = query_param(query, "state") {
+        match parse_on_off(&v) {
+            Some(true) => {}
+            Some(false) => {
+                return match state.ctx.drain.cancel() {
+                    Ok(()) => Ok(Reply::json(
+                        StatusCode::OK,
+                        &serde_json::json!({ "draining": false }),
+                    )),
+                    Err(e) => Err(Reply::error(StatusCode::CONFLICT, e.to_string())),
+                };
+            }
+            None => {
+                return Err(Reply::error(
+                    StatusCode::BAD_REQUEST,
+                    format!("state must be on or off, got {v:?}"),
+                ))
+            }
+        }
+    }
+    let timeout = match query_param(query, "timeout_secs") {
+        None if state.ctx.drain_default.is_zero() => Duration::from_secs(600),
+        None => state.ctx.drain_default,
+        Some(v) => match v.parse::<u64>() {
+            Ok(n) if (1..=MAX_DRAIN.as_secs()).contains(&n) => Duration::from_secs(n),
+            _ => {
+                return Err(Reply::error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "timeout_secs must be a whole number from 1 to {}, got {v:?}",
+                        MAX_DRAIN.as_secs()
+                    ),
+                ))
+            }
+        },
+    };
+    let report = state.ctx.drain.start(timeout, false);
+    Ok(Reply::json(StatusCode::OK, &report))
 }
 
 fn failover(state: &State, pool: &str, query: &str) -> Result<Reply, Reply> {

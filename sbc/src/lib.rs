@@ -14,6 +14,7 @@
 //! - [`reload`]: hot reload of the configuration (SIGHUP, file change, `POST /reload`).
 
 pub mod admin;
+pub mod drain;
 pub mod flow_token;
 pub mod limits;
 pub mod media;

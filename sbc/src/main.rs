@@ -64,6 +64,17 @@ enum Cmd {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Drain the SBC: new calls get 503 while the calls in progress end; then it exits.
+    Drain {
+        /// Stop anyway after this long [default: general.drain_secs, or 600]
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+        /// Call off the drain in progress: new calls are taken again.
+        #[arg(long, conflicts_with = "timeout")]
+        cancel: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Put a PBX node into maintenance (never chosen; traffic moves off it) or take it out.
     Maintenance {
         /// The node's name, as in the config.
@@ -110,6 +121,11 @@ fn main() -> anyhow::Result<()> {
             admin,
         } => client_command(&admin, |c| c.failover(&pool, reason.as_deref())),
         Cmd::Failback { pool, admin } => client_command(&admin, |c| c.failback(&pool)),
+        Cmd::Drain {
+            timeout,
+            cancel,
+            admin,
+        } => client_command(&admin, |c| c.drain(timeout, cancel)),
         Cmd::Maintenance { node, state, admin } => {
             client_command(&admin, |c| c.maintenance(&node, matches!(state, OnOff::On)))
         }
@@ -157,7 +173,7 @@ fn main() -> anyhow::Result<()> {
                     tracing::warn!(error = %e, "reload on config file change is off");
                 }
                 tracing::info!(name = %cfg.general.name, "sbc running");
-                wait_for_shutdown().await;
+                run_until_stopped(&sbc, cfg.general.drain).await;
                 tracing::info!("shutting down");
                 sbc.shutdown();
                 anyhow::Ok(())
@@ -195,6 +211,25 @@ fn check_descriptor_limit(cfg: &sbc_config::Config) {
              may need: calls will get 503 while ports are still free; raise the hard limit \
              (systemd LimitNOFILE=, ulimit -Hn) or narrow [media] port_min..port_max"
         );
+    }
+}
+
+/// Serves until a drain the operator started ends, or a shutdown signal: with
+/// `general.drain_secs` set, that signal drains first (a second signal stops at once).
+async fn run_until_stopped(sbc: &sbc::Sbc, drain_for: Duration) {
+    tokio::select! {
+        () = wait_for_shutdown() => {}
+        () = sbc.drain.finished() => return,
+    }
+    if !drain_for.is_zero() {
+        sbc.drain.start(drain_for, true);
+    } else if sbc.drain.report().is_none() {
+        return;
+    }
+    tracing::info!("draining before shutdown; a second signal stops at once");
+    tokio::select! {
+        () = wait_for_shutdown() => tracing::info!("second signal: stopping now"),
+        () = sbc.drain.finished() => {}
     }
 }
 
@@ -339,6 +374,14 @@ impl AdminClient {
             "registrations {}  transactions {}  connections {}  calls {}  media sessions {}",
             st.registrations, st.transactions, st.connections, st.calls, st.media_sessions
         );
+        if let Some(d) = &st.drain {
+            println!(
+                "DRAINING{}: new calls get 503; {} call(s) left; stops in {} at the latest",
+                if d.shutdown { " for shutdown" } else { "" },
+                d.calls,
+                human(d.deadline_unix.saturating_sub(unix_now()))
+            );
+        }
         for p in &st.pools {
             let pin = if p.pinned {
                 ", pinned by a manual failover"
@@ -394,6 +437,28 @@ impl AdminClient {
         Ok(())
     }
 
+    fn drain(&self, timeout: Option<u64>, cancel: bool) -> anyhow::Result<()> {
+        if cancel {
+            self.request("POST", "/drain?state=off")?;
+            println!("drain called off: new calls are taken again");
+            return Ok(());
+        }
+        let path = match timeout {
+            Some(t) => format!("/drain?timeout_secs={t}"),
+            None => "/drain".to_string(),
+        };
+        let a = self.request("POST", &path)?;
+        let r: sbc::drain::DrainReport = serde_json::from_str(&a.body)
+            .with_context(|| format!("unexpected answer ({}): {}", a.code, a.body.trim()))?;
+        let left = r.deadline_unix.saturating_sub(unix_now());
+        println!(
+            "draining: new calls get 503; {} call(s) in progress; the SBC exits when they end, or in {} at the latest",
+            r.calls,
+            human(left)
+        );
+        Ok(())
+    }
+
     fn maintenance(&self, node: &str, on: bool) -> anyhow::Result<()> {
         let state = if on { "on" } else { "off" };
         let a = self.request(
@@ -434,6 +499,12 @@ fn encode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// 3725 -> "1h2m5s".

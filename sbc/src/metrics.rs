@@ -112,6 +112,10 @@ pub const CATALOGUE: &[MetricDef] = &[
         "Requests refused by the per-source limits (action: 503, block, drop, scanner, transactions)."),
     def("sbc_overload_rejected_total", Counter, None, &[],
         "New INVITEs answered 503 at once because they waited past limits.overload_queue_ms in the SIP socket queue: the SBC was past its capacity and shed them."),
+    def("sbc_draining", Gauge, None, &[],
+        "1 while the SBC drains (new calls refused until the calls in progress end, then it stops), else 0."),
+    def("sbc_drain_refused_total", Counter, None, &["method"],
+        "New INVITEs and OPTIONS keep-alives to the SBC answered 503 with Retry-After because it was draining."),
     def("sbc_blocked_sources", Gauge, None, &[],
         "Sources currently blocked for exceeding their rate limits."),
     def("sbc_media_sessions", Gauge, None, &[],
@@ -237,6 +241,7 @@ fn baseline() {
     metrics::gauge!("sbc_registrations").set(0.0);
     metrics::gauge!("sbc_calls").set(0.0);
     metrics::gauge!("sbc_media_sessions").set(0.0);
+    metrics::gauge!("sbc_draining").set(0.0);
     metrics::gauge!("sbc_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 

@@ -252,6 +252,8 @@ pub struct Proxy {
     /// transaction retransmits the 2xx until the ACK, which has its own branch and is matched
     /// here.
     own_2xx: Mutex<AHashMap<Box<[u8]>, Own2xx>>,
+    /// Draining (see [`crate::drain`]): new calls and keep-alive OPTIONS to the SBC get 503.
+    draining: std::sync::atomic::AtomicBool,
     /// Itself, for work started from under the core lock that outlives the call (the BYE
     /// on the other leg of a call whose PBX died).
     me: std::sync::Weak<Proxy>,
@@ -279,6 +281,10 @@ fn own_2xx_key(msg: &Message) -> Box<[u8]> {
     key.extend_from_slice(&msg.cseq().to_be_bytes());
     key.into_boxed_slice()
 }
+
+/// `Retry-After` of the 503 to a new call while draining: long enough that a client with
+/// another SBC to try does not come back to this one during the drain.
+const DRAIN_RETRY_AFTER: u32 = 30;
 
 /// How long a node stays in `dead_hops` without news.
 const DEAD_HOP_TTL: Duration = Duration::from_secs(30);
@@ -386,6 +392,7 @@ impl Proxy {
             local: Mutex::new(AHashMap::default()),
             dead_hops: Mutex::new(AHashMap::default()),
             own_2xx: Mutex::new(AHashMap::default()),
+            draining: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -1485,6 +1492,67 @@ impl Proxy {
         }
     }
 
+    /// While draining, a new call (an INVITE outside a dialog) and an OPTIONS addressed to the
+    /// SBC itself (a trunk's or phone's keep-alive) get `503` with `Retry-After`: callers and
+    /// trunks that know another SBC move to it (RFC 3263), and OPTIONS-pinging trunks mark
+    /// this one out of service. Everything else (registrations, requests in dialogs, calls
+    /// from the PBX to phones, responses) still passes. True when it answered.
+    fn refuse_while_draining(
+        &self,
+        msg: &Message,
+        method: Method,
+        inb: &Inbound,
+        out: &mut Out,
+    ) -> bool {
+        if msg.to_tag().is_some() {
+            return false;
+        }
+        let refuse = match method {
+            Method::Invite => true,
+            Method::Options => msg.uri().is_some_and(|u| {
+                self.is_local(&u) && u.user.is_none() && u.param(b"sbcc").is_none()
+            }),
+            _ => false,
+        };
+        if refuse {
+            let label = if method == Method::Invite {
+                "INVITE"
+            } else {
+                "OPTIONS"
+            };
+            metrics::counter!("sbc_drain_refused_total", "method" => label).increment(1);
+            count_response(method, 503, "local");
+            let busy = crate::ratelimit::busy(
+                msg,
+                inb.flow.remote,
+                DRAIN_RETRY_AFTER,
+                &self.settings.name,
+            );
+            out.push((Dest::Flow(inb.flow), busy));
+        }
+        refuse
+    }
+
+    /// Starts or stops refusing new calls (see [`crate::drain`]).
+    pub fn set_draining(&self, on: bool) {
+        self.draining
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Calls a drain waits for: established dialogs the media anchor knows, plus INVITEs
+    /// (new or re-INVITEs) still waiting for their final response. Without media anchoring
+    /// the SBC keeps no dialogs, so only the INVITEs in progress count.
+    pub fn calls_in_progress(&self) -> usize {
+        let dialogs = self.media.get().map_or(0, |m| m.dialogs());
+        let core = self.core.lock();
+        let setting_up = core
+            .txs
+            .values()
+            .filter(|tx| tx.method == Method::Invite && !tx.final_sent)
+            .count();
+        dialogs + setting_up
+    }
+
     /// An ACK for a 2xx the SBC sent as a re-INVITE's UAS (see `skip_hop`): stops that 2xx's
     /// retransmissions and is absorbed. False when it is not one.
     fn ack_own_2xx(&self, core: &mut Core, msg: &Message, now: Instant, out: &mut Out) -> bool {
@@ -1681,6 +1749,12 @@ impl Proxy {
                 self.drive(&mut core, id, now, out);
                 return;
             }
+        }
+
+        if self.draining.load(std::sync::atomic::Ordering::Relaxed)
+            && self.refuse_while_draining(&msg, method, inb, out)
+        {
+            return;
         }
 
         // A new request. RFC 3261 16.3 checks first.

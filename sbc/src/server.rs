@@ -50,6 +50,8 @@ pub struct Sbc {
     pub health: Arc<HealthMonitor>,
     pub transports: Arc<Transports>,
     pub locals: Vec<LocalListener>,
+    /// Stopping without dropping calls (see [`crate::drain`]).
+    pub drain: Arc<crate::drain::Drain>,
     timer_task: tokio::task::JoinHandle<()>,
     /// The re-registration wave, shadow registrations and their progress.
     rereg_task: tokio::task::JoinHandle<()>,
@@ -228,9 +230,12 @@ impl Sbc {
             generation.clone(),
             certs.clone(),
         ));
+        let drain = crate::drain::Drain::new(proxy.clone());
         let admin = admin_start.map(|(listener, prometheus)| {
             crate::metrics::set_generation(1);
             let ctx = AdminContext {
+                drain: drain.clone(),
+                drain_default: cfg.general.drain,
                 name: cfg.general.name.clone(),
                 token: cfg.admin.token.clone(),
                 health: health.clone(),
@@ -247,6 +252,7 @@ impl Sbc {
             health,
             transports,
             locals,
+            drain,
             timer_task,
             rereg_task,
             media_task,

@@ -7,7 +7,7 @@
 //! nodes uniquely, and metric assertions filter on those labels.
 
 use sbc_sip::Transport;
-use sbc_tests::net::free_udp;
+use sbc_tests::net::{count_rtp, free_udp, send_rtp};
 use sbc_tests::pbx::{Pbx, PbxConfig};
 use sbc_tests::phone::{Phone, PhoneConfig};
 use serde_json::Value;
@@ -115,7 +115,11 @@ listen = "127.0.0.1:0"
     let admin = sbc.admin_addr().expect("admin endpoint runs");
     assert!(admin.ip().is_loopback() && admin.port() != 0, "{admin}");
     let udp = sbc.addr(Transport::Udp).expect("udp");
-    let mk = |addr| PbxConfig::new(addr, "pbx.test", udp).user("alice", "a-secret");
+    let mk = |addr| {
+        PbxConfig::new(addr, "pbx.test", udp)
+            .user("alice", "a-secret")
+            .user("bob", "b-secret")
+    };
     let pbx_a = Pbx::start(mk(a)).await.expect("primary");
     let pbx_b = Pbx::start(mk(b)).await.expect("standby");
     Lab {
@@ -562,6 +566,126 @@ async fn shutdown_stops_the_admin_endpoint() {
 }
 
 /// A webhook receiver: answers every request 200 and counts them.
+/// Draining (`POST /drain`): a new call gets 503 with Retry-After, and so does an OPTIONS
+/// keep-alive to the SBC, while registrations and the call in progress go on (RTP both
+/// ways, a re-INVITE); `/status` shows the drain and the calls left. Called off, new calls
+/// pass again. Started again, it ends by itself when the last call hangs up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_refuses_new_calls_keeps_the_ones_in_progress_and_ends_with_the_last() {
+    let lab = lab(LabOpts {
+        token: true,
+        ..Default::default()
+    })
+    .await;
+    lab.wait_all_up().await;
+    let udp = lab.sbc.addr(Transport::Udp).expect("udp");
+    let phone =
+        |user: &str, password: &str| Phone::new(PhoneConfig::new(user, "pbx.test", password, udp));
+    let alice = phone("alice", "a-secret").await.expect("alice");
+    let bob = phone("bob", "b-secret").await.expect("bob");
+    for p in [&alice, &bob] {
+        assert_eq!(p.register(300).await.expect("reg").status(), Some(200));
+    }
+    let (c, b) = tokio::join!(alice.invite("sip:bob@pbx.test"), async {
+        let inc = bob.wait_invite(Duration::from_secs(3)).await?;
+        bob.answer(&inc, 200).await
+    });
+    let (mut ccall, bcall) = (c.expect("call"), b.expect("answer"));
+    assert_eq!(ccall.final_status, 200);
+
+    let r = lab.post("/drain?timeout_secs=120").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let d = r.json();
+    // One call, two dialogs: phone -> SBC -> PBX and PBX -> SBC -> phone.
+    assert_eq!(d["calls"], 2, "{d}");
+    assert_eq!(d["shutdown"], false, "{d}");
+    let st = lab.status().await;
+    assert_eq!(st["drain"]["calls"], 2, "{st}");
+    assert!(
+        st["drain"]["deadline_unix"].as_u64().unwrap_or(0)
+            >= st["drain"]["since_unix"].as_u64().unwrap_or(u64::MAX) + 119,
+        "{st}"
+    );
+
+    // A new call: 503, Retry-After 30, from the SBC (the PBX never sees it).
+    let refused = bob.invite("sip:alice@pbx.test").await.expect("answered");
+    assert_eq!(refused.final_status, 503);
+    let fin = refused.responses.last().expect("final");
+    assert_eq!(
+        fin.header_value_by_name(b"Retry-After"),
+        Some(&b"30"[..]),
+        "{}",
+        String::from_utf8_lossy(fin.as_bytes())
+    );
+    // A keep-alive to the SBC itself: 503 too, so a pinging trunk takes it out of rotation.
+    let ping = alice
+        .request("OPTIONS", &format!("sip:{udp}"), "", None)
+        .await
+        .expect("OPTIONS answered");
+    assert_eq!(ping.status(), Some(503));
+    // Registrations and the call in progress go on.
+    assert_eq!(alice.register(300).await.expect("reg").status(), Some(200));
+    let (at_alice, at_bob) = (
+        ccall.remote_media().expect("SDP at alice"),
+        bcall.remote_media().expect("SDP at bob"),
+    );
+    tokio::join!(
+        send_rtp(alice.media_socket(), at_alice, 0xa1, 20),
+        send_rtp(bob.media_socket(), at_bob, 0xb2, 20)
+    );
+    let got = tokio::join!(
+        count_rtp(bob.media_socket(), 0xa1),
+        count_rtp(alice.media_socket(), 0xb2)
+    );
+    assert_eq!(got, (20, 20), "RTP both ways while draining");
+    let (re, got) = tokio::join!(
+        alice.reinvite(&mut ccall),
+        bob.wait_request_and_answer(sbc_sip::Method::Invite, Duration::from_secs(3))
+    );
+    got.expect("bob gets the re-INVITE");
+    assert_eq!(
+        re.expect("re-INVITE").status(),
+        Some(200),
+        "a re-INVITE in the call passes"
+    );
+
+    // Called off: new calls pass again.
+    let r = lab.post("/drain?state=off").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(lab.status().await["drain"].is_null());
+    assert_eq!(
+        lab.post("/drain?state=off").await.status,
+        409,
+        "nothing to call off"
+    );
+    let ping = alice
+        .request("OPTIONS", &format!("sip:{udp}"), "", None)
+        .await
+        .expect("OPTIONS answered");
+    assert_eq!(ping.status(), Some(200));
+
+    // Drained again: the last BYE ends it.
+    assert_eq!(lab.post("/drain").await.status, 200);
+    let finished = lab.sbc.drain.finished();
+    tokio::pin!(finished);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut finished)
+            .await
+            .is_err(),
+        "not finished while the call goes on"
+    );
+    let (bye, got) = tokio::join!(
+        alice.bye(&ccall),
+        bob.wait_request_and_answer(sbc_sip::Method::Bye, Duration::from_secs(3))
+    );
+    assert_eq!(bye.expect("BYE").status(), Some(200));
+    got.expect("bob gets the BYE");
+    tokio::time::timeout(Duration::from_secs(2), finished)
+        .await
+        .expect("the drain ends with the last call");
+    assert_eq!(lab.status().await["drain"]["calls"], 0);
+}
+
 async fn webhook_stub() -> (SocketAddr, std::sync::Arc<AtomicU32>) {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
