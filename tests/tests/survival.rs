@@ -18,7 +18,7 @@ use sbc_tests::net::{count_rtp, free_udp, rtp, send_rtp};
 use sbc_tests::pbx::{Pbx, PbxConfig};
 use sbc_tests::phone::{Phone, PhoneConfig};
 use sbc_tests::trunk::Trunk;
-use sbc_tests::ua::{lossy, sdp_media_addr, Call, Ua};
+use sbc_tests::ua::{lossy, sdp_media_addr, Call, IncomingCall, Ua};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -141,6 +141,21 @@ async fn rtp_both_ways(a: &Ua, a_to: SocketAddr, b: &Ua, b_to: SocketAddr, n: u1
     assert_eq!(at_a, usize::from(n), "{what}: b -> a");
 }
 
+/// Alice calls the carrier's number and the trunk answers 200: alice's dialog, the INVITE
+/// the trunk got, and the trunk's dialog.
+async fn call_the_trunk(alice: &Ua, trunk: &Trunk) -> (Call, IncomingCall, Call) {
+    let (call, answered) = tokio::join!(alice.invite("sip:95551234@pbx.test"), async {
+        let inc = trunk
+            .wait_invite(Duration::from_secs(3))
+            .await
+            .expect("trunk gets INVITE");
+        let c = trunk.answer(&inc, 200).await.expect("answer");
+        (inc, c)
+    });
+    let (inc, tcall) = answered;
+    (call.expect("call"), inc, tcall)
+}
+
 /// A re-INVITE from `from` (its dialog `call`) answered 200 by `to`; returns the SDP
 /// address `from` now has for the far end.
 async fn refresh(from: &Ua, call: &mut Call, to: &Ua, what: &str) -> SocketAddr {
@@ -259,16 +274,7 @@ async fn proxied_call_outlives_the_scripted_pbx() {
     let alice = phone(&sbc, "alice", "a-secret").await;
     let trunk = Trunk::start(trunk_addr, udp).await.expect("trunk");
 
-    let (call, answered) = tokio::join!(alice.invite("sip:95551234@pbx.test"), async {
-        let inc = trunk
-            .wait_invite(Duration::from_secs(3))
-            .await
-            .expect("trunk gets INVITE");
-        let c = trunk.answer(&inc, 200).await.expect("answer");
-        (inc, c)
-    });
-    let call = call.expect("call");
-    let (inc, tcall) = answered;
+    let (call, inc, tcall) = call_the_trunk(&alice, &trunk).await;
     assert_eq!(call.final_status, 200);
     let at_alice = call.remote_media().expect("SDP at alice");
     let at_trunk = sdp_media_addr(inc.invite.body()).expect("SDP at the trunk");
@@ -362,16 +368,7 @@ async fn bridged_call_outlives_the_b2bua() {
     let alice = phone(&sbc, "alice", "").await;
     let trunk = Trunk::start(trunk_addr, udp).await.expect("trunk");
 
-    let (call, answered) = tokio::join!(alice.invite("sip:95551234@pbx.test"), async {
-        let inc = trunk
-            .wait_invite(Duration::from_secs(3))
-            .await
-            .expect("trunk gets INVITE");
-        let c = trunk.answer(&inc, 200).await.expect("answer");
-        (inc, c)
-    });
-    let mut call = call.expect("call");
-    let (inc, mut tcall) = answered;
+    let (mut call, inc, mut tcall) = call_the_trunk(&alice, &trunk).await;
     assert_eq!(call.final_status, 200);
     assert_ne!(call.call_id, tcall.call_id, "two dialogs");
     assert_eq!(pbx.bridged(), 1);
@@ -504,15 +501,7 @@ async fn a_lost_200_to_a_refresh_for_a_dead_b2bua_is_retransmitted() {
     wait_node(&sbc, sbc_health::state::NodeState::Up).await;
     let alice = phone(&sbc, "alice", "").await;
     let trunk = Trunk::start(trunk_addr, udp).await.expect("trunk");
-    let (call, answered) = tokio::join!(alice.invite("sip:95551234@pbx.test"), async {
-        let inc = trunk
-            .wait_invite(Duration::from_secs(3))
-            .await
-            .expect("trunk gets INVITE");
-        trunk.answer(&inc, 200).await.expect("answer")
-    });
-    let mut call = call.expect("call");
-    let _tcall = answered;
+    let (mut call, _, _tcall) = call_the_trunk(&alice, &trunk).await;
     let at_alice = call.remote_media().expect("SDP at alice");
     pbx.stop().await;
 
@@ -587,16 +576,8 @@ async fn call_whose_pbx_anchors_media_is_ended_cleanly() {
     let ports_before = free_ports(&sbc);
     let alice = phone(&sbc, "alice", "").await;
     let trunk = Trunk::start(trunk_addr, udp).await.expect("trunk");
-    let (call, answered) = tokio::join!(alice.invite("sip:95551234@pbx.test"), async {
-        let inc = trunk
-            .wait_invite(Duration::from_secs(3))
-            .await
-            .expect("trunk gets INVITE");
-        trunk.answer(&inc, 200).await.expect("answer")
-    });
-    let call = call.expect("call");
+    let (call, _, tcall) = call_the_trunk(&alice, &trunk).await;
     assert_eq!(call.final_status, 200);
-    let tcall = answered;
     let media = sbc.proxy.media().expect("media");
     let calls = media.calls();
     assert_eq!(calls.len(), 2, "{calls:?}");
