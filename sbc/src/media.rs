@@ -39,7 +39,45 @@ pub struct MediaAnchor {
     /// How long a call whose media the PBX anchored may stay silent on the PBX side after its
     /// node went Down before the SBC ends it.
     unsaveable_after: Mutex<std::time::Duration>,
+    /// Ended calls by how their media went (see [`MediaFlow`]), for this SBC alone.
+    ended: [std::sync::atomic::AtomicU64; 3],
 }
+
+/// How an established call's media went, judged when it ends: by the RTP packets each end
+/// sent into the relay. One-way audio (a NAT or firewall that lets media through one way
+/// only, a phone that never got the right address) and calls with no media at all are what
+/// an operator hunts for, and the relay is the one place that sees both directions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MediaFlow {
+    /// Both ends sent RTP.
+    Both,
+    /// One end sent RTP, the other nothing.
+    OneWay,
+    /// Neither end sent any.
+    None,
+}
+
+impl MediaFlow {
+    /// From the RTP packets each end sent.
+    pub fn of(sent: [u64; 2]) -> MediaFlow {
+        match sent {
+            [0, 0] => MediaFlow::None,
+            [0, _] | [_, 0] => MediaFlow::OneWay,
+            _ => MediaFlow::Both,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            MediaFlow::Both => "both",
+            MediaFlow::OneWay => "one_way",
+            MediaFlow::None => "none",
+        }
+    }
+}
+
+/// A call that ends sooner after its answer is not judged: its ends may not have sent yet.
+const JUDGE_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// One dialog's chances when its PBX dies. A dialog is saveable when the PBX left its media
 /// end to end: the SDP the PBX sent us names our own relay address of another leg (a B2BUA
@@ -63,6 +101,11 @@ struct Survival {
     internal_packets: u64,
     /// Our internal-side RTP ports named toward the PBX (keys of `internal_ports`).
     internal_ports: SmallVec<[u16; 2]>,
+    /// When the dialog was established (its first 2xx).
+    established: Option<std::time::Instant>,
+    /// The relay joined it with `peer`: its internal leg relays nothing, the peer's public
+    /// leg carries what the far end sends.
+    joined: bool,
 }
 
 /// A call as `/status` lists it.
@@ -192,6 +235,7 @@ impl MediaAnchor {
             internal_ports: Mutex::new(AHashMap::default()),
             widowed: Mutex::new(AHashMap::default()),
             unsaveable_after: Mutex::new(std::time::Duration::from_secs(5)),
+            ended: Default::default(),
         }
     }
 
@@ -397,6 +441,7 @@ impl MediaAnchor {
     /// Drops a pass: its ports go back to the pool; the Call-ID is forgotten with its last
     /// pass.
     fn release(&self, call_id: &[u8], key: &CallKey, caller_side: Side) {
+        self.report_end(key);
         self.relay.delete(key);
         self.dialogs.lock().remove(key);
         if let Some(s) = self.survival.lock().remove(key) {
@@ -427,6 +472,100 @@ impl MediaAnchor {
         }
     }
 
+    /// An established dialog ends: judges how its media went ([`MediaFlow`]), counts it
+    /// (`sbc_call_media_total{flow}`, [`MediaAnchor::ended_calls`]) and logs it. A joined
+    /// hairpin is judged once, by whichever of its two dialogs ends first, from both public
+    /// legs (its internal legs relay nothing); a call on hold at its end, or shorter than
+    /// [`JUDGE_AFTER`] since its answer, is logged but not judged.
+    fn report_end(&self, key: &CallKey) {
+        let Some((established, joined, peer)) = self
+            .survival
+            .lock()
+            .get(key)
+            .and_then(|s| Some((s.established?, s.joined, s.peer.clone())))
+        else {
+            return;
+        };
+        let Some(st) = self.relay.stats(key) else {
+            return;
+        };
+        let from_leg =
+            |l: &sbc_media_relay::LegStats| -> u64 { l.media.iter().map(|m| m.rtp.packets).sum() };
+        let mut sent = [from_leg(&st.legs[0]), from_leg(&st.legs[1])];
+        let lost: u64 = st
+            .legs
+            .iter()
+            .flat_map(|l| l.media.iter())
+            .map(|m| m.rtp.lost)
+            .sum();
+        let jitter_us = st
+            .legs
+            .iter()
+            .flat_map(|l| l.media.iter())
+            .map(|m| m.rtp.jitter_us)
+            .max()
+            .unwrap_or(0);
+        let lasted = established.elapsed();
+        let mut judged = !st.on_hold && lasted >= JUDGE_AFTER;
+        if joined {
+            match peer.as_ref().and_then(|p| self.relay.stats(p)) {
+                Some(ps) => {
+                    let far: u64 = ps
+                        .legs
+                        .iter()
+                        .filter(|l| l.side == Side::Public)
+                        .map(from_leg)
+                        .sum();
+                    for (leg, n) in st.legs.iter().zip(sent.iter_mut()) {
+                        if leg.side == Side::Internal {
+                            *n = far;
+                        }
+                    }
+                }
+                // The peer ended first and judged the pair.
+                None => judged = false,
+            }
+        }
+        let secs = lasted.as_secs();
+        if judged {
+            let flow = MediaFlow::of(sent);
+            let i = match flow {
+                MediaFlow::Both => 0,
+                MediaFlow::OneWay => 1,
+                MediaFlow::None => 2,
+            };
+            self.ended[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            metrics::counter!("sbc_call_media_total", "flow" => flow.label()).increment(1);
+            if flow != MediaFlow::Both {
+                tracing::info!(
+                    call = %key,
+                    secs,
+                    from_caller = sent[0],
+                    from_callee = sent[1],
+                    flow = flow.label(),
+                    "call ended without media both ways"
+                );
+            }
+        }
+        tracing::debug!(
+            call = %key,
+            secs,
+            from_caller = sent[0],
+            from_callee = sent[1],
+            lost,
+            jitter_us,
+            "call ended"
+        );
+    }
+
+    /// Ended calls judged so far by this SBC, by how their media went:
+    /// `[both ways, one way, none]` (see [`MediaFlow`]).
+    pub fn ended_calls(&self) -> [u64; 3] {
+        self.ended
+            .each_ref()
+            .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     /// Remembers the dialog a 2xx to a dialog-creating INVITE established, for the pass that
     /// INVITE belongs to (it crossed from `req_in` to `req_out`).
     pub fn record_dialog(&self, request: &Message, req_in: Side, req_out: Side, info: DialogInfo) {
@@ -436,7 +575,11 @@ impl MediaAnchor {
         if self.relay.answered(&key).is_some() {
             let node = info.node;
             self.dialogs.lock().insert(key.clone(), Arc::new(info));
-            self.survival.lock().entry(key.clone()).or_default().node = node;
+            let mut survival = self.survival.lock();
+            let s = survival.entry(key.clone()).or_default();
+            s.node = node;
+            s.established.get_or_insert_with(std::time::Instant::now);
+            drop(survival);
             self.pair(&key);
         }
     }
@@ -530,6 +673,13 @@ impl MediaAnchor {
                     .any(|m| m.rtp.advertised.is_some_and(|a| a.port() == my_port))
             });
             if mutual && self.relay.join(key, &peer) {
+                let mut survival = self.survival.lock();
+                for k in [key, &peer] {
+                    if let Some(s) = survival.get_mut(k) {
+                        s.joined = true;
+                    }
+                }
+                drop(survival);
                 metrics::counter!("sbc_media_joined_total").increment(1);
                 tracing::debug!(call = %key, %peer, "hairpin joined in the relay");
             }

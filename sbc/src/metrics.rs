@@ -106,6 +106,8 @@ pub const CATALOGUE: &[MetricDef] = &[
         "Requests the SBC originated itself (BYE for calls whose media died, shadow REGISTERs), by method."),
     def("sbc_calls", Gauge, None, &[],
         "Established calls (INVITE dialogs) whose media the SBC anchors; a call that crosses the SBC twice counts twice. 0 with [media] enabled = false."),
+    def("sbc_call_media_total", Counter, None, &["flow"],
+        "Established calls with anchored media that ended, by how their media went: both (each end sent RTP), one_way (one end sent nothing: NAT or firewall trouble) or none. Judged on calls of at least 2 s after the answer, not on hold at the end; a joined hairpin counts once."),
     def("sbc_handler_panics_total", Counter, None, &[],
         "Messages whose handling panicked (a bug): the message was dropped, the receiving thread and every other message unaffected. Should stay 0."),
     def("sbc_ratelimited_total", Counter, None, &["method", "action"],

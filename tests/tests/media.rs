@@ -197,6 +197,70 @@ async fn phone_to_trunk_call_relays_rtp_and_hides_the_phone() {
     lab.sbc.shutdown();
 }
 
+/// When calls end, the SBC tells how their media went: three calls at once, one with RTP both
+/// ways, one where only alice's reaches the trunk (the trunk sends nothing: one-way audio),
+/// one with none. Each call crosses the SBC twice (a hairpin the relay joins) and is
+/// judged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_way_and_silent_calls_are_told_apart_when_they_end() {
+    let lab = lab("127.0.0.64", (20500, 20599), 60).await;
+    let alice = alice(&lab).await;
+    let trunk = &lab.trunk;
+    let mut calls = Vec::new();
+    for _ in 0..3 {
+        let (call, inc, tcall) =
+            call_trunk(&lab, &alice, "sip:95551234@pbx.test", Default::default()).await;
+        let at_alice = call.remote_media().expect("SDP at alice");
+        let at_trunk = sdp_media_addr(inc.invite.body()).expect("SDP at the trunk");
+        calls.push((call, tcall, at_alice, at_trunk));
+    }
+    let media = lab.sbc.proxy.media().expect("media");
+    // 50 packets a second for 2.5 s: calls shorter than 2 s are not judged.
+    for _ in 0..5 {
+        let (_, _, a0, t0) = &calls[0];
+        let (_, _, a1, _) = &calls[1];
+        tokio::join!(
+            send_rtp(alice.media_socket(), *a0, 0xa1, 25),
+            send_rtp(trunk.media_socket(), *t0, 0x7c, 25),
+            send_rtp(alice.media_socket(), *a1, 0xa2, 25),
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // What each end got, by SSRC, until its socket stays quiet.
+    async fn tally(s: &UdpSocket) -> std::collections::HashMap<u32, usize> {
+        let mut got = std::collections::HashMap::new();
+        let mut buf = [0u8; 2048];
+        while let Ok(Ok((len, _))) =
+            tokio::time::timeout(Duration::from_millis(300), s.recv_from(&mut buf)).await
+        {
+            if len >= 12 {
+                let ssrc = u32::from_be_bytes([buf[8], buf[9], buf[10], buf[11]]);
+                *got.entry(ssrc).or_default() += 1;
+            }
+        }
+        got
+    }
+    let (at_trunk, at_alice) =
+        tokio::join!(tally(trunk.media_socket()), tally(alice.media_socket()));
+    assert_eq!(at_trunk, [(0xa1, 125), (0xa2, 125)].into_iter().collect());
+    assert_eq!(at_alice, [(0x7c, 125)].into_iter().collect());
+    assert_eq!(media.ended_calls(), [0, 0, 0]);
+    for (call, _, _, _) in &calls {
+        let (bye, _) = tokio::join!(
+            alice.bye(call),
+            trunk.wait_request_and_answer(sbc_sip::Method::Bye, Duration::from_secs(3))
+        );
+        assert_eq!(bye.expect("bye").status(), Some(200));
+    }
+    assert_eq!(media.sessions(), 0);
+    assert_eq!(
+        media.ended_calls(),
+        [1, 1, 1],
+        "[both ways, one way, none], each call once"
+    );
+    lab.sbc.shutdown();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn natted_phone_is_latched_to_where_its_rtp_comes_from() {
     let lab = lab("127.0.0.41", (20100, 20199), 60).await;
