@@ -216,19 +216,10 @@ async fn one_way_and_silent_calls_are_told_apart_when_they_end() {
     }
     let media = lab.sbc.proxy.media().expect("media");
     // 50 packets a second for 2.5 s: calls shorter than 2 s are not judged.
-    for _ in 0..5 {
-        let (_, _, a0, t0) = &calls[0];
-        let (_, _, a1, _) = &calls[1];
-        tokio::join!(
-            send_rtp(alice.media_socket(), *a0, 0xa1, 25),
-            send_rtp(trunk.media_socket(), *t0, 0x7c, 25),
-            send_rtp(alice.media_socket(), *a1, 0xa2, 25),
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    // What each end got, by SSRC, until its socket stays quiet.
-    async fn tally(s: &UdpSocket) -> std::collections::HashMap<u32, usize> {
-        let mut got = std::collections::HashMap::new();
+    // What each end got, by SSRC, until its socket stays quiet (read after every burst, so
+    // no socket buffer has to hold more than one).
+    type Tally = std::collections::HashMap<u32, usize>;
+    async fn tally(s: &UdpSocket, got: &mut Tally) {
         let mut buf = [0u8; 2048];
         while let Ok(Ok((len, _))) =
             tokio::time::timeout(Duration::from_millis(300), s.recv_from(&mut buf)).await
@@ -238,10 +229,22 @@ async fn one_way_and_silent_calls_are_told_apart_when_they_end() {
                 *got.entry(ssrc).or_default() += 1;
             }
         }
-        got
     }
-    let (at_trunk, at_alice) =
-        tokio::join!(tally(trunk.media_socket()), tally(alice.media_socket()));
+    let (mut at_trunk, mut at_alice) = (Tally::new(), Tally::new());
+    for _ in 0..5 {
+        let (_, _, a0, t0) = &calls[0];
+        let (_, _, a1, _) = &calls[1];
+        tokio::join!(
+            send_rtp(alice.media_socket(), *a0, 0xa1, 25),
+            send_rtp(trunk.media_socket(), *t0, 0x7c, 25),
+            send_rtp(alice.media_socket(), *a1, 0xa2, 25),
+        );
+        tokio::join!(
+            tally(trunk.media_socket(), &mut at_trunk),
+            tally(alice.media_socket(), &mut at_alice)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     assert_eq!(at_trunk, [(0xa1, 125), (0xa2, 125)].into_iter().collect());
     assert_eq!(at_alice, [(0x7c, 125)].into_iter().collect());
     assert_eq!(media.ended_calls(), [0, 0, 0]);
