@@ -152,6 +152,7 @@ pub(crate) struct RawTrunk {
     pub tls_ca: Option<Text>,
     pub domains: Option<TextList>,
     pub pool: Option<Text>,
+    pub max_calls: Option<Int>,
 }
 
 #[derive(Debug, Default, Deserialize)]

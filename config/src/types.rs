@@ -806,6 +806,9 @@ pub struct Trunk {
     /// Name of the pool that inbound calls from this trunk are routed to;
     /// guaranteed to exist in [`Config::pools`].
     pub pool: String,
+    /// Calls with this trunk at once, both directions, being set up or established (its
+    /// channels); past it a new call gets 503. `None`: no limit.
+    pub max_calls: Option<u32>,
 }
 
 /// Admission and routing of phones (SIP user agents on the public side).

@@ -1093,6 +1093,16 @@ impl Ctx<'_> {
             }
 
             let pool = self.pool_ref(t.pool.as_ref(), &format!("{path}.pool"), pools)?;
+            let max_calls = match &t.max_calls {
+                None => None,
+                Some(v) => Some(self.int(
+                    Some(v),
+                    &format!("{path}.max_calls"),
+                    1..=1_000_000,
+                    0,
+                    "calls",
+                )? as u32),
+            };
             trunks.push(Trunk {
                 name,
                 sources,
@@ -1103,6 +1113,7 @@ impl Ctx<'_> {
                 tls_ca: peer.tls_ca,
                 domains,
                 pool,
+                max_calls,
             });
         }
         Ok(trunks)

@@ -393,6 +393,25 @@ fn trunk_source_with_host_bits() {
 }
 
 #[test]
+fn trunk_max_calls() {
+    let trunk = "[[trunk]]\nname = \"a\"\nsources = [\"192.0.2.0/24\"]\naddress = \"192.0.2.1\"\n";
+    assert_eq!(
+        ok(&with(trunk)).trunks[0].max_calls,
+        None,
+        "no limit by default"
+    );
+    let c = ok(&with(&format!("{trunk}max_calls = 30\n")));
+    assert_eq!(c.trunks[0].max_calls, Some(30));
+    let text = with(&format!("{trunk}max_calls = 0\n"));
+    err_at(
+        &text,
+        "max_calls",
+        "trunk[0].max_calls",
+        "must be from 1 to 1000000 calls",
+    );
+}
+
+#[test]
 fn empty_trunk_sources() {
     let text = with("[[trunk]]\nname = \"a\"\nsources = []\naddress = \"192.0.2.1\"\n");
     err_at(&text, "sources", "trunk[0].sources", "at least one");

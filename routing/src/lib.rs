@@ -36,6 +36,8 @@ pub struct TrunkRoute {
     /// Request-URI hosts (lowercase) that mean this trunk on calls from the PBX.
     pub domains: Vec<String>,
     pub pool: usize,
+    /// Calls with this trunk at once (see `sbc_config::Trunk::max_calls`).
+    pub max_calls: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -120,6 +122,7 @@ impl RouteTable {
                 tls_server_name: t.tls_server_name.clone(),
                 domains: t.domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
                 pool: pool_index(&t.pool),
+                max_calls: t.max_calls,
             })
             .collect();
         RouteTable {
@@ -169,6 +172,13 @@ impl RouteTable {
     }
 
     /// The trunk a Request-URI host names: one of its domains, or its address.
+    /// The trunk whose `address` this is (a call sent there is that trunk's).
+    pub fn trunk_at(&self, addr: SocketAddr) -> Option<usize> {
+        self.trunks
+            .iter()
+            .position(|t| same_ip(t.address.ip(), addr.ip()) && t.address.port() == addr.port())
+    }
+
     pub fn trunk_for_host(&self, host: &[u8], port: Option<u16>) -> Option<usize> {
         let host = std::str::from_utf8(host).ok()?;
         let host_l = host.to_ascii_lowercase();

@@ -29,6 +29,7 @@ pub mod server;
 pub mod timer_wheel;
 pub mod topology;
 pub mod transport;
+pub mod trunk_calls;
 
 pub use reload::{ReloadError, ReloadReport};
 pub use server::{Sbc, StartOptions};

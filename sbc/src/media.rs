@@ -84,7 +84,7 @@ const JUDGE_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 /// bridging two legs through us) or of the other pass of the same Call-ID (a proxy). Then
 /// media never touched the PBX and the SBC can answer for it. When the PBX named its own
 /// media address, the media dies with it.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 struct Survival {
     /// The PBX node the dialog runs through.
     node: Option<usize>,
@@ -106,6 +106,8 @@ struct Survival {
     /// The relay joined it with `peer`: its internal leg relays nothing, the peer's public
     /// leg carries what the far end sends.
     joined: bool,
+    /// The trunk channel the call holds, freed when the dialog is forgotten.
+    slot: Option<crate::trunk_calls::CallSlot>,
 }
 
 /// A call as `/status` lists it.
@@ -568,7 +570,17 @@ impl MediaAnchor {
 
     /// Remembers the dialog a 2xx to a dialog-creating INVITE established, for the pass that
     /// INVITE belongs to (it crossed from `req_in` to `req_out`).
-    pub fn record_dialog(&self, request: &Message, req_in: Side, req_out: Side, info: DialogInfo) {
+    ///
+    /// `slot` is the trunk channel the call holds (see [`crate::trunk_calls`]): kept until the
+    /// dialog ends.
+    pub fn record_dialog(
+        &self,
+        request: &Message,
+        req_in: Side,
+        req_out: Side,
+        info: DialogInfo,
+        slot: Option<crate::trunk_calls::CallSlot>,
+    ) {
         let cid = String::from_utf8_lossy(request.call_id());
         let from_tag = request.from_tag().unwrap_or_default();
         let (key, _) = self.key(cid.as_bytes(), from_tag, req_in, req_out, false);
@@ -579,6 +591,9 @@ impl MediaAnchor {
             let s = survival.entry(key.clone()).or_default();
             s.node = node;
             s.established.get_or_insert_with(std::time::Instant::now);
+            if slot.is_some() {
+                s.slot = slot;
+            }
             drop(survival);
             self.pair(&key);
         }

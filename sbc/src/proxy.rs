@@ -183,6 +183,9 @@ struct ProxyTx {
     /// The request went around a dead PBX: its media crossed both relay passes (sides
     /// `media_sides.0` -> internal, then internal -> `media_sides.1`).
     media_skip: bool,
+    /// A new call with a trunk holds one of its channels (see [`crate::trunk_calls`]) until
+    /// its final response; a 2xx hands it to the dialog.
+    call_slot: Option<crate::trunk_calls::CallSlot>,
 }
 
 /// A transaction whose work is done but whose RFC 3261 linger is not: the server side still
@@ -254,6 +257,8 @@ pub struct Proxy {
     own_2xx: Mutex<AHashMap<Box<[u8]>, Own2xx>>,
     /// Draining (see [`crate::drain`]): new calls and keep-alive OPTIONS to the SBC get 503.
     draining: std::sync::atomic::AtomicBool,
+    /// Calls in progress per trunk (`trunk.max_calls`).
+    trunk_calls: crate::trunk_calls::TrunkCalls,
     /// Itself, for work started from under the core lock that outlives the call (the BYE
     /// on the other leg of a call whose PBX died).
     me: std::sync::Weak<Proxy>,
@@ -393,6 +398,7 @@ impl Proxy {
             dead_hops: Mutex::new(AHashMap::default()),
             own_2xx: Mutex::new(AHashMap::default()),
             draining: std::sync::atomic::AtomicBool::new(false),
+            trunk_calls: crate::trunk_calls::TrunkCalls::default(),
         })
     }
 
@@ -1533,6 +1539,45 @@ impl Proxy {
         refuse
     }
 
+    /// The channel a new INVITE takes of the trunk it comes from or goes to (`None` for a
+    /// call without a trunk); `Err` when that trunk is at its `max_calls`.
+    fn trunk_call_slot(
+        &self,
+        inb: &Inbound,
+        dest: &Dest,
+    ) -> Result<Option<crate::trunk_calls::CallSlot>, ()> {
+        let routes = self.routes.read().clone();
+        let from = match routes.classify(inb.flow.remote, inb.flow.transport.is_reliable()) {
+            Source::Trunk(t) => Some((t, "in")),
+            _ => None,
+        };
+        let to_addr = match dest {
+            Dest::Flow(f) => f.remote,
+            Dest::Addr { remote, .. } => *remote,
+        };
+        let Some((t, direction)) = from.or_else(|| routes.trunk_at(to_addr).map(|t| (t, "out")))
+        else {
+            return Ok(None);
+        };
+        let Some(trunk) = routes.trunks.get(t) else {
+            return Ok(None);
+        };
+        match self.trunk_calls.acquire(&trunk.name, trunk.max_calls) {
+            Ok(slot) => Ok(Some(slot)),
+            Err(calls) => {
+                metrics::counter!("sbc_trunk_limit_refused_total", "trunk" => trunk.name.clone(), "direction" => direction)
+                    .increment(1);
+                tracing::debug!(trunk = %trunk.name, calls, direction, "trunk at its call limit: new call refused");
+                Err(())
+            }
+        }
+    }
+
+    /// Calls `trunk` has now, being set up or established (see [`crate::trunk_calls`]).
+    pub fn trunk_calls(&self, trunk: &str) -> usize {
+        self.trunk_calls.current(trunk)
+    }
+
     /// Starts or stops refusing new calls (see [`crate::drain`]).
     pub fn set_draining(&self, on: bool) {
         self.draining
@@ -1598,6 +1643,7 @@ impl Proxy {
         );
         if tx.server.send_response(status, Bytes::from(bytes), now) {
             tx.final_sent = true;
+            tx.call_slot = None;
             count_response(tx.method, status, "local");
         }
         if let (Some(m), Some((si, so))) = (self.media.get(), tx.media_sides) {
@@ -1885,6 +1931,18 @@ impl Proxy {
             }
             Target::Drop => return,
         };
+        // A new call with a trunk takes one of its channels, before any media work.
+        let call_slot = if method == Method::Invite && msg.to_tag().is_none() {
+            match self.trunk_call_slot(inb, &dest) {
+                Ok(slot) => slot,
+                Err(()) => {
+                    let reason = "Service Unavailable (trunk call limit)";
+                    return self.reject_invite(msg, inb, &key, 503, reason, now, out);
+                }
+            }
+        } else {
+            None
+        };
         let mut media_offer = false;
         let mut media_sides = None;
         let mut media_body: Option<Bytes> = None;
@@ -2006,6 +2064,7 @@ impl Proxy {
             _tx_slot: tx_slot,
             skip_alt,
             media_skip: pops.is_some(),
+            call_slot,
         };
         core.txs.insert(id, Box::new(tx));
         core.server_idx.insert(key, id);
@@ -2055,6 +2114,7 @@ impl Proxy {
             _tx_slot: None,
             skip_alt: None,
             media_skip: false,
+            call_slot: None,
         };
         self.local_final(&mut tx, status, reason, now);
         core.txs.insert(id, Box::new(tx));
@@ -2881,7 +2941,7 @@ impl Proxy {
                         if let Some(info) = sent.and_then(|(d, ours)| {
                             self.dialog_info(&tx.request, ours, &msg, tx.in_flow, &d)
                         }) {
-                            m.record_dialog(&tx.request, si, so, info);
+                            m.record_dialog(&tx.request, si, so, info, tx.call_slot.take());
                         }
                     }
                 }
@@ -2895,6 +2955,8 @@ impl Proxy {
                     count_response(tx.method, status, "forwarded");
                     if status >= 200 {
                         tx.final_sent = true;
+                        // A failed call's channel is free now (a 2xx handed it on above).
+                        tx.call_slot = None;
                     }
                 } else if (200..300).contains(&status) && tx.method == Method::Invite {
                     // A 2xx after our server transaction finished still goes upstream:

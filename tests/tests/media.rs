@@ -23,6 +23,11 @@ struct Lab {
 /// An SBC whose relay uses `ports` (below the ephemeral range, a range per test so tests in
 /// parallel do not take each other's ports) and `timeout` seconds of media silence.
 async fn lab(trunk_ip: &str, ports: (u16, u16), timeout: u32) -> Lab {
+    lab_with(trunk_ip, ports, timeout, "").await
+}
+
+/// [`lab`] with `trunk_extra` added to the trunk's table.
+async fn lab_with(trunk_ip: &str, ports: (u16, u16), timeout: u32, trunk_extra: &str) -> Lab {
     let pbx_addr = free_udp("127.0.0.2");
     let trunk_addr = free_udp(trunk_ip);
     let cfg = format!(
@@ -40,6 +45,7 @@ name = "carrier"
 sources = ["{trunk_ip}"]
 address = "{trunk_addr}"
 domains = ["carrier.test"]
+{trunk_extra}
 [phones]
 sources = ["127.0.0.0/8"]
 [media]
@@ -261,6 +267,65 @@ async fn one_way_and_silent_calls_are_told_apart_when_they_end() {
         [1, 1, 1],
         "[both ways, one way, none], each call once"
     );
+    lab.sbc.shutdown();
+}
+
+/// `max_calls = 2` on the trunk: two calls up, a third one out is refused 503 before it
+/// reaches the trunk (the PBX gets the 503 and passes it to alice), one in from the trunk
+/// too; a call the trunk rejects frees its channel at once; a hang-up frees one for the next
+/// call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trunk_at_its_call_limit_refuses_new_calls_both_ways() {
+    let lab = lab_with("127.0.0.65", (20600, 20699), 60, "max_calls = 2").await;
+    let alice = alice(&lab).await;
+    let trunk = &lab.trunk;
+    let proxy = &lab.sbc.proxy;
+    let target = "sip:95551234@pbx.test";
+    let (first, _, _) = call_trunk(&lab, &alice, target, Default::default()).await;
+    assert_eq!(proxy.trunk_calls("carrier"), 1);
+
+    // The trunk rejects one: its channel is free again at once.
+    let (refused, _) = tokio::join!(alice.invite(target), async {
+        let inc = trunk
+            .wait_invite(Duration::from_secs(3))
+            .await
+            .expect("INVITE");
+        trunk.answer(&inc, 486).await.expect("486");
+    });
+    assert_eq!(refused.expect("answered").final_status, 486);
+    assert_eq!(proxy.trunk_calls("carrier"), 1);
+
+    let (second, _, _) = call_trunk(&lab, &alice, target, Default::default()).await;
+    assert_eq!(proxy.trunk_calls("carrier"), 2);
+
+    // Full: out (the SBC refuses the PBX's INVITE toward the trunk) and in.
+    let out = alice.invite(target).await.expect("answered");
+    assert_eq!(out.final_status, 503, "out to the trunk");
+    assert!(
+        trunk.wait_invite(Duration::from_millis(300)).await.is_err(),
+        "the trunk never sees it"
+    );
+    let inbound = trunk.invite("sip:alice@pbx.test").await.expect("answered");
+    assert_eq!(inbound.final_status, 503, "in from the trunk");
+    assert_eq!(proxy.trunk_calls("carrier"), 2);
+
+    // A hang-up frees a channel: the next call goes through.
+    let (bye, _) = tokio::join!(
+        alice.bye(&first),
+        trunk.wait_request_and_answer(sbc_sip::Method::Bye, Duration::from_secs(3))
+    );
+    assert_eq!(bye.expect("bye").status(), Some(200));
+    assert_eq!(proxy.trunk_calls("carrier"), 1);
+    let (third, _, _) = call_trunk(&lab, &alice, target, Default::default()).await;
+    assert_eq!(proxy.trunk_calls("carrier"), 2);
+    for call in [&second, &third] {
+        let (bye, _) = tokio::join!(
+            alice.bye(call),
+            trunk.wait_request_and_answer(sbc_sip::Method::Bye, Duration::from_secs(3))
+        );
+        assert_eq!(bye.expect("bye").status(), Some(200));
+    }
+    assert_eq!(proxy.trunk_calls("carrier"), 0);
     lab.sbc.shutdown();
 }
 
