@@ -172,8 +172,11 @@ fn main() -> anyhow::Result<()> {
                 if let Err(e) = sbc.reload_on_file_change(Duration::from_millis(500)) {
                     tracing::warn!(error = %e, "reload on config file change is off");
                 }
+                // Before "running": a SIGTERM from then on must find our handler, not the
+                // default action that kills the process without a drain.
+                let mut signals = Signals::install();
                 tracing::info!(name = %cfg.general.name, "sbc running");
-                run_until_stopped(&sbc, cfg.general.drain).await;
+                run_until_stopped(&sbc, cfg.general.drain, &mut signals).await;
                 tracing::info!("shutting down");
                 sbc.shutdown();
                 anyhow::Ok(())
@@ -216,9 +219,9 @@ fn check_descriptor_limit(cfg: &sbc_config::Config) {
 
 /// Serves until a drain the operator started ends, or a shutdown signal: with
 /// `general.drain_secs` set, that signal drains first (a second signal stops at once).
-async fn run_until_stopped(sbc: &sbc::Sbc, drain_for: Duration) {
+async fn run_until_stopped(sbc: &sbc::Sbc, drain_for: Duration, signals: &mut Signals) {
     tokio::select! {
-        () = wait_for_shutdown() => {}
+        () = signals.next() => {}
         () = sbc.drain.finished() => return,
     }
     if !drain_for.is_zero() {
@@ -228,24 +231,63 @@ async fn run_until_stopped(sbc: &sbc::Sbc, drain_for: Duration) {
     }
     tracing::info!("draining before shutdown; a second signal stops at once");
     tokio::select! {
-        () = wait_for_shutdown() => tracing::info!("second signal: stopping now"),
+        () = signals.next() => tracing::info!("second signal: stopping now"),
         () = sbc.drain.finished() => {}
     }
 }
 
-async fn wait_for_shutdown() {
+/// SIGTERM and SIGINT, caught from the moment they are installed (tokio registers a
+/// handler when the stream is made, not when it is first awaited).
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn install() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let caught = |kind, name: &str| match signal(kind) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, signal = name, "cannot catch the signal");
+                    None
+                }
+            };
+            Signals {
+                term: caught(SignalKind::terminate(), "SIGTERM"),
+                int: caught(SignalKind::interrupt(), "SIGINT"),
             }
-            return;
+        }
+        #[cfg(not(unix))]
+        Signals {}
+    }
+
+    /// The next SIGTERM or SIGINT.
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        {
+            async fn one(s: &mut Option<tokio::signal::unix::Signal>) {
+                match s {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            tokio::select! {
+                () = one(&mut self.term) => {}
+                () = one(&mut self.int) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
         }
     }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// Runs an admin command; on failure prints one clear line and exits 1.
