@@ -1250,6 +1250,26 @@ impl Ua {
 // -------------------------------------------------------------------------------------
 
 /// Lossy UTF-8 of a header slice.
+/// `caller` calls `target` (with `opts`) and `callee` answers 200: the caller's dialog, the
+/// INVITE as the callee got it, and the callee's dialog. Panics on any failure (for tests).
+pub async fn call_and_answer(
+    caller: &Ua,
+    target: &str,
+    opts: InviteOpts,
+    callee: &Ua,
+) -> (Call, IncomingCall, Call) {
+    let (call, answered) = tokio::join!(caller.invite_with(target, opts), async {
+        let inc = callee
+            .wait_invite(Duration::from_secs(3))
+            .await
+            .expect("the callee gets the INVITE");
+        let c = callee.answer(&inc, 200).await.expect("answer");
+        (inc, c)
+    });
+    let (inc, answered) = answered;
+    (call.expect("call"), inc, answered)
+}
+
 pub fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }

@@ -9,7 +9,7 @@ use sbc_tests::net::{count_rtp, free_udp, send_rtp};
 use sbc_tests::pbx::{Pbx, PbxConfig};
 use sbc_tests::phone::{Phone, PhoneConfig};
 use sbc_tests::trunk::Trunk;
-use sbc_tests::ua::{sdp_media_addr, Call, IncomingCall, InviteOpts};
+use sbc_tests::ua::{call_and_answer, sdp_media_addr, Call, IncomingCall, InviteOpts};
 use std::path::Path;
 use std::time::Duration;
 use tokio::net::UdpSocket;
@@ -109,17 +109,7 @@ async fn call_trunk(
     target: &str,
     opts: InviteOpts,
 ) -> (Call, IncomingCall, Call) {
-    let trunk = &lab.trunk;
-    let (call, answered) = tokio::join!(alice.invite_with(target, opts), async {
-        let inc = trunk
-            .wait_invite(Duration::from_secs(3))
-            .await
-            .expect("trunk gets INVITE");
-        let c = trunk.answer(&inc, 200).await.expect("answer");
-        (inc, c)
-    });
-    let (inc, tcall) = answered;
-    (call.expect("call"), inc, tcall)
+    call_and_answer(alice, target, opts, &lab.trunk).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,7 +18,7 @@ use sbc_tests::net::{count_rtp, free_udp, rtp, send_rtp};
 use sbc_tests::pbx::{Pbx, PbxConfig};
 use sbc_tests::phone::{Phone, PhoneConfig};
 use sbc_tests::trunk::Trunk;
-use sbc_tests::ua::{lossy, sdp_media_addr, Call, IncomingCall, Ua};
+use sbc_tests::ua::{call_and_answer, lossy, sdp_media_addr, Call, IncomingCall, Ua};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -144,16 +144,7 @@ async fn rtp_both_ways(a: &Ua, a_to: SocketAddr, b: &Ua, b_to: SocketAddr, n: u1
 /// Alice calls the carrier's number and the trunk answers 200: alice's dialog, the INVITE
 /// the trunk got, and the trunk's dialog.
 async fn call_the_trunk(alice: &Ua, trunk: &Trunk) -> (Call, IncomingCall, Call) {
-    let (call, answered) = tokio::join!(alice.invite("sip:95551234@pbx.test"), async {
-        let inc = trunk
-            .wait_invite(Duration::from_secs(3))
-            .await
-            .expect("trunk gets INVITE");
-        let c = trunk.answer(&inc, 200).await.expect("answer");
-        (inc, c)
-    });
-    let (inc, tcall) = answered;
-    (call.expect("call"), inc, tcall)
+    call_and_answer(alice, "sip:95551234@pbx.test", Default::default(), trunk).await
 }
 
 /// A re-INVITE from `from` (its dialog `call`) answered 200 by `to`; returns the SDP
