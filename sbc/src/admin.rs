@@ -292,6 +292,31 @@ pub struct StatusReport {
     /// The drain in progress (new calls refused until the calls left end), if any.
     #[serde(default)]
     pub drain: Option<crate::drain::DrainReport>,
+    /// Every trunk with its calls in progress and its limit.
+    #[serde(default)]
+    pub trunks: Vec<TrunkReport>,
+    /// Ended calls with anchored media by how their media went (see
+    /// [`crate::media::MediaFlow`]): both ways, one way, none.
+    #[serde(default)]
+    pub ended_calls: EndedCallsReport,
+}
+
+/// One trunk in [`StatusReport::trunks`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrunkReport {
+    pub name: String,
+    /// Calls in and out now, being set up or established.
+    pub calls: usize,
+    /// `trunk.max_calls`; `None`: no limit.
+    pub max_calls: Option<u32>,
+}
+
+/// [`StatusReport::ended_calls`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndedCallsReport {
+    pub both_ways: u64,
+    pub one_way: u64,
+    pub no_media: u64,
 }
 
 /// One dialog in [`StatusReport::call_list`]. A call the PBX bridged (two dialogs) or
@@ -435,6 +460,28 @@ impl State {
             calls: ctx.proxy.media().map_or(0, |m| m.dialogs()),
             media_sessions: ctx.proxy.media().map_or(0, |m| m.sessions()),
             drain: ctx.drain.report(),
+            trunks: ctx
+                .proxy
+                .trunks()
+                .into_iter()
+                .map(|(name, calls, max_calls)| TrunkReport {
+                    name,
+                    calls,
+                    max_calls,
+                })
+                .collect(),
+            ended_calls: ctx
+                .proxy
+                .media()
+                .map(|m| {
+                    let [both_ways, one_way, no_media] = m.ended_calls();
+                    EndedCallsReport {
+                        both_ways,
+                        one_way,
+                        no_media,
+                    }
+                })
+                .unwrap_or_default(),
             call_list: ctx
                 .proxy
                 .media()

@@ -416,6 +416,17 @@ impl AdminClient {
             "registrations {}  transactions {}  connections {}  calls {}  media sessions {}",
             st.registrations, st.transactions, st.connections, st.calls, st.media_sessions
         );
+        let e = st.ended_calls;
+        if e.one_way + e.no_media > 0 {
+            println!(
+                "ended calls: {} with media both ways, {} one way, {} without media",
+                e.both_ways, e.one_way, e.no_media
+            );
+        }
+        for t in &st.trunks {
+            let limit = t.max_calls.map_or(String::new(), |m| format!(" of {m}"));
+            println!("trunk {}: {} call(s){limit}", t.name, t.calls);
+        }
         if let Some(d) = &st.drain {
             println!(
                 "DRAINING{}: new calls get 503; {} call(s) left; stops in {} at the latest",

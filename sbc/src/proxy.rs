@@ -1573,6 +1573,22 @@ impl Proxy {
         }
     }
 
+    /// Every trunk of the running config: name, calls now, `max_calls`.
+    pub fn trunks(&self) -> Vec<(String, usize, Option<u32>)> {
+        let routes = self.routes.read().clone();
+        routes
+            .trunks
+            .iter()
+            .map(|t| {
+                (
+                    t.name.clone(),
+                    self.trunk_calls.current(&t.name),
+                    t.max_calls,
+                )
+            })
+            .collect()
+    }
+
     /// Calls `trunk` has now, being set up or established (see [`crate::trunk_calls`]).
     pub fn trunk_calls(&self, trunk: &str) -> usize {
         self.trunk_calls.current(trunk)

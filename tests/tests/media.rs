@@ -297,7 +297,11 @@ async fn a_trunk_at_its_call_limit_refuses_new_calls_both_ways() {
     );
     let inbound = trunk.invite("sip:alice@pbx.test").await.expect("answered");
     assert_eq!(inbound.final_status, 503, "in from the trunk");
-    assert_eq!(proxy.trunk_calls("carrier"), 2);
+    assert_eq!(
+        proxy.trunks(),
+        vec![("carrier".to_string(), 2, Some(2))],
+        "as /status shows it"
+    );
 
     // A hang-up frees a channel: the next call goes through.
     let (bye, _) = tokio::join!(
