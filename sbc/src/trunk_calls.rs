@@ -18,25 +18,33 @@ use std::sync::Arc;
 /// Calls in progress of each trunk, by name.
 #[derive(Default)]
 pub struct TrunkCalls {
-    counts: Mutex<AHashMap<Arc<str>, Arc<AtomicUsize>>>,
+    counts: Mutex<AHashMap<Box<str>, Arc<Count>>>,
 }
 
-/// One call of a trunk; dropping it ends the call's count.
-pub struct CallSlot {
-    trunk: Arc<str>,
-    count: Arc<AtomicUsize>,
+/// One trunk's count.
+struct Count {
+    trunk: Box<str>,
+    calls: AtomicUsize,
 }
+
+/// One call of a trunk; dropping it ends the call's count. One pointer: every live INVITE
+/// transaction carries an `Option` of it.
+pub struct CallSlot(Arc<Count>);
 
 impl std::fmt::Debug for CallSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "CallSlot({})", self.trunk)
+        write!(f, "CallSlot({})", self.0.trunk)
     }
 }
 
 impl Drop for CallSlot {
     fn drop(&mut self) {
-        let now = self.count.fetch_sub(1, Ordering::AcqRel).saturating_sub(1);
-        metrics::gauge!("sbc_trunk_calls", "trunk" => self.trunk.to_string()).set(now as f64);
+        let now = self
+            .0
+            .calls
+            .fetch_sub(1, Ordering::AcqRel)
+            .saturating_sub(1);
+        metrics::gauge!("sbc_trunk_calls", "trunk" => self.0.trunk.to_string()).set(now as f64);
     }
 }
 
@@ -44,27 +52,29 @@ impl TrunkCalls {
     /// A slot for one more call of `trunk`, unless it already has `limit` (then how many it
     /// has). Without a limit the call is counted all the same.
     pub fn acquire(&self, trunk: &str, limit: Option<u32>) -> Result<CallSlot, usize> {
-        let (name, count) = {
+        let count = {
             let mut counts = self.counts.lock();
-            match counts.get_key_value(trunk) {
-                Some((k, c)) => (k.clone(), c.clone()),
+            match counts.get(trunk) {
+                Some(c) => c.clone(),
                 None => {
-                    let k: Arc<str> = trunk.into();
-                    let c = Arc::new(AtomicUsize::new(0));
-                    counts.insert(k.clone(), c.clone());
-                    (k, c)
+                    let c = Arc::new(Count {
+                        trunk: trunk.into(),
+                        calls: AtomicUsize::new(0),
+                    });
+                    counts.insert(trunk.into(), c.clone());
+                    c
                 }
             }
         };
-        let before = count.fetch_add(1, Ordering::AcqRel);
+        let before = count.calls.fetch_add(1, Ordering::AcqRel);
         if let Some(limit) = limit {
             if before >= limit as usize {
-                count.fetch_sub(1, Ordering::AcqRel);
+                count.calls.fetch_sub(1, Ordering::AcqRel);
                 return Err(before);
             }
         }
-        metrics::gauge!("sbc_trunk_calls", "trunk" => name.to_string()).set((before + 1) as f64);
-        Ok(CallSlot { trunk: name, count })
+        metrics::gauge!("sbc_trunk_calls", "trunk" => trunk.to_string()).set((before + 1) as f64);
+        Ok(CallSlot(count))
     }
 
     /// Calls `trunk` has now.
@@ -72,7 +82,7 @@ impl TrunkCalls {
         self.counts
             .lock()
             .get(trunk)
-            .map_or(0, |c| c.load(Ordering::Acquire))
+            .map_or(0, |c| c.calls.load(Ordering::Acquire))
     }
 }
 
