@@ -246,6 +246,10 @@ struct Core {
     /// The deadline the timer task sleeps until; an earlier one must wake it.
     timer_sleep: Option<Instant>,
     next_id: u64,
+    /// Re-INVITEs the SBC answered 2xx itself for a dead PBX, by [`own_2xx_key`]: their
+    /// transaction retransmits the 2xx until the ACK, which has its own branch and is matched
+    /// here (under the core lock every ACK takes anyway).
+    own_2xx: AHashMap<Box<[u8]>, Own2xx>,
 }
 
 /// A request as it leaves: its bytes, the branch of our Via, how many Record-Route entries
@@ -280,10 +284,6 @@ pub struct Proxy {
     /// ACK and the requests after it skip them at once instead of each waiting out a branch
     /// timeout. Any response from the node clears it.
     dead_hops: Mutex<AHashMap<usize, Instant>>,
-    /// Re-INVITEs the SBC answered 2xx itself for a dead PBX, by [`own_2xx_key`]: their
-    /// transaction retransmits the 2xx until the ACK, which has its own branch and is matched
-    /// here.
-    own_2xx: Mutex<AHashMap<Box<[u8]>, Own2xx>>,
     /// Draining (see [`crate::drain`]): new calls and keep-alive OPTIONS to the SBC get 503.
     draining: std::sync::atomic::AtomicBool,
     /// Calls in progress per trunk (`trunk.max_calls`).
@@ -411,6 +411,7 @@ impl Proxy {
                 wheel: TimerWheel::new(Instant::now(), TIMER_TICK, TIMER_SLOTS),
                 timer_sleep: None,
                 next_id: 0,
+                own_2xx: AHashMap::default(),
             }),
             routes: RwLock::new(Arc::new(routes)),
             transports: OnceLock::new(),
@@ -425,7 +426,6 @@ impl Proxy {
             limiter: OnceLock::new(),
             local: Mutex::new(AHashMap::default()),
             dead_hops: Mutex::new(AHashMap::default()),
-            own_2xx: Mutex::new(AHashMap::default()),
             draining: std::sync::atomic::AtomicBool::new(false),
             trunk_calls: crate::trunk_calls::TrunkCalls::default(),
         })
@@ -883,6 +883,7 @@ impl Proxy {
         &self,
         tx: &mut ProxyTx,
         client_idx: &mut AHashMap<TxKey, u64>,
+        own_2xx: &mut AHashMap<Box<[u8]>, Own2xx>,
         id: u64,
         outcome: NodeOutcome,
         now: Instant,
@@ -914,9 +915,8 @@ impl Proxy {
                 let sent = tx.server.send_own_2xx(status, bytes, now);
                 if sent && tx.server.retransmitting() {
                     let until = now + self.settings.timers.t1x64();
-                    let mut own = self.own_2xx.lock();
-                    own.retain(|_, o| o.until > now);
-                    own.insert(own_2xx_key(&tx.request), Own2xx { id, until });
+                    own_2xx.retain(|_, o| o.until > now);
+                    own_2xx.insert(own_2xx_key(&tx.request), Own2xx { id, until });
                 }
                 sent
             } else {
@@ -1127,6 +1127,7 @@ impl Proxy {
                     txs,
                     client_idx,
                     linger,
+                    own_2xx,
                     ..
                 } = &mut *core;
                 let Some(tx) = txs.get_mut(&id) else {
@@ -1155,7 +1156,7 @@ impl Proxy {
                     .as_ref()
                     .is_some_and(|a| !a.answered && a.deadline <= now)
                 {
-                    self.skip_hop(tx, client_idx, id, NodeOutcome::Timeout, now);
+                    self.skip_hop(tx, client_idx, own_2xx, id, NodeOutcome::Timeout, now);
                 }
                 let branch_expired = tx
                     .failover
@@ -1275,10 +1276,14 @@ impl Proxy {
         }
         if let Some(outcome) = retry {
             let Core {
-                txs, client_idx, ..
+                txs,
+                client_idx,
+                own_2xx,
+                ..
             } = &mut *core;
             if let Some(tx) = txs.get_mut(&id) {
-                if tx.skip_alt.is_some() && self.skip_hop(tx, client_idx, id, outcome, now) {
+                if tx.skip_alt.is_some() && self.skip_hop(tx, client_idx, own_2xx, id, outcome, now)
+                {
                     return self.drive(core, id, now, out);
                 }
                 if self.next_node(tx, client_idx, id, outcome, now) {
@@ -1646,15 +1651,12 @@ impl Proxy {
     /// An ACK for a 2xx the SBC sent as a re-INVITE's UAS (see `skip_hop`): stops that 2xx's
     /// retransmissions and is absorbed. False when it is not one.
     fn ack_own_2xx(&self, core: &mut Core, msg: &Message, now: Instant, out: &mut Out) -> bool {
-        let id = {
-            let mut own = self.own_2xx.lock();
-            if own.is_empty() {
-                return false;
-            }
-            match own.remove(&own_2xx_key(msg)) {
-                Some(o) if o.until > now => o.id,
-                _ => return false,
-            }
+        if core.own_2xx.is_empty() {
+            return false;
+        }
+        let id = match core.own_2xx.remove(&own_2xx_key(msg)) {
+            Some(o) if o.until > now => o.id,
+            _ => return false,
         };
         let acked = match core.txs.get_mut(&id) {
             Some(tx) => tx.server.handle_own_2xx_ack(),
