@@ -185,9 +185,9 @@ struct ProxyTx {
     media_skip: bool,
 }
 
-/// What only one kind of transaction carries, in one field: a live `ProxyTx` must stay
-/// within mimalloc's 2,560-byte bin (see the size test below), and a REGISTER never holds a
-/// trunk channel nor an INVITE a phone's flow to record.
+/// What only one kind of transaction carries, in one field: a live `ProxyTx` must stay in
+/// its allocator bin (2,552 bytes at most; see the size test below), and a REGISTER never
+/// holds a trunk channel nor an INVITE a phone's flow to record.
 enum TxExtra {
     None,
     /// A REGISTER: the phone's flow, to record on a 2xx.
@@ -1561,16 +1561,17 @@ impl Proxy {
                 "OPTIONS"
             };
             metrics::counter!("sbc_drain_refused_total", "method" => label).increment(1);
-            count_response(method, 503, "local");
-            let busy = crate::ratelimit::busy(
-                msg,
-                inb.flow.remote,
-                DRAIN_RETRY_AFTER,
-                &self.settings.name,
-            );
-            out.push((Dest::Flow(inb.flow), busy));
+            self.shed(msg, method, inb, DRAIN_RETRY_AFTER, out);
         }
         refuse
+    }
+
+    /// A stateless `503` with `Retry-After: retry_after` for a request the SBC does not take
+    /// (overload, draining): the same answer the per-source limits give.
+    fn shed(&self, msg: &Message, method: Method, inb: &Inbound, retry_after: u32, out: &mut Out) {
+        count_response(method, 503, "local");
+        let busy = crate::ratelimit::busy(msg, inb.flow.remote, retry_after, &self.settings.name);
+        out.push((Dest::Flow(inb.flow), busy));
     }
 
     /// The channel a new INVITE takes of the trunk it comes from or goes to (`None` for a
@@ -1894,10 +1895,7 @@ impl Proxy {
             && msg.to_tag().is_none()
         {
             metrics::counter!("sbc_overload_rejected_total").increment(1);
-            count_response(method, 503, "local");
-            let busy = crate::ratelimit::busy(&msg, inb.flow.remote, 2, &self.settings.name);
-            out.push((Dest::Flow(inb.flow), busy));
-            return;
+            return self.shed(&msg, method, inb, 2, out);
         }
 
         // A new server transaction: counted against its source's cap.
