@@ -21,10 +21,12 @@ pub struct TrunkCalls {
     counts: Mutex<AHashMap<Box<str>, Arc<Count>>>,
 }
 
-/// One trunk's count.
+/// One trunk's count, with its `sbc_trunk_calls` gauge registered once (a call then sets
+/// it without building a labelled key).
 struct Count {
     trunk: Box<str>,
     calls: AtomicUsize,
+    gauge: metrics::Gauge,
 }
 
 /// One call of a trunk; dropping it ends the call's count. One pointer: every live INVITE
@@ -44,7 +46,7 @@ impl Drop for CallSlot {
             .calls
             .fetch_sub(1, Ordering::AcqRel)
             .saturating_sub(1);
-        metrics::gauge!("sbc_trunk_calls", "trunk" => self.0.trunk.to_string()).set(now as f64);
+        self.0.gauge.set(now as f64);
     }
 }
 
@@ -60,6 +62,7 @@ impl TrunkCalls {
                     let c = Arc::new(Count {
                         trunk: trunk.into(),
                         calls: AtomicUsize::new(0),
+                        gauge: metrics::gauge!("sbc_trunk_calls", "trunk" => trunk.to_string()),
                     });
                     counts.insert(trunk.into(), c.clone());
                     c
@@ -73,7 +76,7 @@ impl TrunkCalls {
                 return Err(before);
             }
         }
-        metrics::gauge!("sbc_trunk_calls", "trunk" => trunk.to_string()).set((before + 1) as f64);
+        count.gauge.set((before + 1) as f64);
         Ok(CallSlot(count))
     }
 
