@@ -412,7 +412,8 @@ pub struct NodeReport {
     pub active: bool,
 }
 
-fn unix_now() -> u64 {
+/// Seconds since the Unix epoch: the times `/status` reports.
+pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

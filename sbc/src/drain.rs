@@ -11,11 +11,12 @@
 //! `sbc run` then exits. Started by SIGTERM when `general.drain_secs` is set, or by the
 //! operator (`POST /drain`, `sbc drain`), who can also call it off unless it is a shutdown's.
 
+use crate::admin::unix_now;
 use crate::proxy::Proxy;
 use parking_lot::Mutex;
 use serde::Serialize;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// How often a drain counts the calls left.
@@ -65,12 +66,6 @@ pub struct Drain {
     done: watch::Sender<bool>,
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 impl Drain {
     pub fn new(proxy: Arc<Proxy>) -> Arc<Drain> {
         Arc::new(Drain {
@@ -92,38 +87,39 @@ impl Drain {
         self.calls
             .store(calls, std::sync::atomic::Ordering::Relaxed);
         let mut active = self.active.lock();
-        if let Some(a) = active.as_mut() {
-            a.deadline = deadline;
-            a.deadline_unix = deadline_unix;
-            a.shutdown |= shutdown;
-            tracing::info!(
-                calls,
-                timeout_secs = timeout.as_secs(),
-                "drain deadline moved"
-            );
-        } else {
-            self.proxy.set_draining(true);
-            metrics::gauge!("sbc_draining").set(1.0);
-            tracing::info!(
-                calls,
-                timeout_secs = timeout.as_secs(),
-                "draining: new calls get 503; waiting for the calls in progress to end"
-            );
-            let me = Arc::clone(self);
-            *active = Some(Active {
-                since_unix: unix_now(),
-                deadline,
-                deadline_unix,
-                shutdown,
-                task: tokio::spawn(async move { me.run().await }),
-            });
-        }
-        report(active.as_ref(), calls).unwrap_or(DrainReport {
-            since_unix: unix_now(),
-            deadline_unix,
-            calls,
-            shutdown,
-        })
+        let a = match active.take() {
+            Some(mut a) => {
+                a.deadline = deadline;
+                a.deadline_unix = deadline_unix;
+                a.shutdown |= shutdown;
+                tracing::info!(
+                    calls,
+                    timeout_secs = timeout.as_secs(),
+                    "drain deadline moved"
+                );
+                a
+            }
+            None => {
+                self.proxy.set_draining(true);
+                metrics::gauge!("sbc_draining").set(1.0);
+                tracing::info!(
+                    calls,
+                    timeout_secs = timeout.as_secs(),
+                    "draining: new calls get 503; waiting for the calls in progress to end"
+                );
+                let me = Arc::clone(self);
+                Active {
+                    since_unix: unix_now(),
+                    deadline,
+                    deadline_unix,
+                    shutdown,
+                    task: tokio::spawn(async move { me.run().await }),
+                }
+            }
+        };
+        let report = a.report(calls);
+        *active = Some(a);
+        report
     }
 
     /// Calls the drain off: new calls are taken again.
@@ -146,7 +142,7 @@ impl Drain {
     /// The drain in progress, if any.
     pub fn report(&self) -> Option<DrainReport> {
         let calls = self.calls.load(std::sync::atomic::Ordering::Relaxed);
-        report(self.active.lock().as_ref(), calls)
+        self.active.lock().as_ref().map(|a| a.report(calls))
     }
 
     /// Resolves once a drain has ended: no call left, or its deadline passed. Never resolves
@@ -179,11 +175,13 @@ impl Drain {
     }
 }
 
-fn report(active: Option<&Active>, calls: usize) -> Option<DrainReport> {
-    active.map(|a| DrainReport {
-        since_unix: a.since_unix,
-        deadline_unix: a.deadline_unix,
-        calls,
-        shutdown: a.shutdown,
-    })
+impl Active {
+    fn report(&self, calls: usize) -> DrainReport {
+        DrainReport {
+            since_unix: self.since_unix,
+            deadline_unix: self.deadline_unix,
+            calls,
+            shutdown: self.shutdown,
+        }
+    }
 }
