@@ -283,8 +283,8 @@ pub struct Limits {
     /// 32 s after the final response on UDP). Sources that `[ratelimit]`
     /// exempts (trunks and PBX nodes by default) are not counted.
     pub max_transactions_per_source: usize,
-    /// A new INVITE that waited longer than this in the SBC's UDP socket queue
-    /// before the SBC could read it is answered 503 with Retry-After at once,
+    /// A new INVITE that waited longer than this in the SBC's socket queue (UDP,
+    /// TCP or TLS) before the SBC could read it is answered 503 with Retry-After at once,
     /// without routing or media (0..=60000 ms, default 100 ms; 0 turns it off).
     /// Overload protection: past its capacity the SBC sheds the cheapest way,
     /// and its queue stays short enough that no sender's T1 (500 ms) runs out

@@ -1093,16 +1093,16 @@ impl Ctx<'_> {
             }
 
             let pool = self.pool_ref(t.pool.as_ref(), &format!("{path}.pool"), pools)?;
-            let max_calls = match &t.max_calls {
-                None => None,
-                Some(v) => Some(self.int(
-                    Some(v),
-                    &format!("{path}.max_calls"),
-                    1..=1_000_000,
-                    0,
-                    "calls",
-                )? as u32),
-            };
+            let max_calls = t
+                .max_calls
+                .as_ref()
+                .map(|v| {
+                    let field = format!("{path}.max_calls");
+                    // Range-checked: the value fits a u32.
+                    self.int(Some(v), &field, 1..=1_000_000, 0, "calls")
+                        .map(|n| n as u32)
+                })
+                .transpose()?;
             trunks.push(Trunk {
                 name,
                 sources,

@@ -50,11 +50,11 @@ pub struct MediaAnchor {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MediaFlow {
     /// Both ends sent RTP.
-    Both,
+    Both = 0,
     /// One end sent RTP, the other nothing.
-    OneWay,
+    OneWay = 1,
     /// Neither end sent any.
-    None,
+    None = 2,
 }
 
 impl MediaFlow {
@@ -531,12 +531,7 @@ impl MediaAnchor {
         let secs = lasted.as_secs();
         if judged {
             let flow = MediaFlow::of(sent);
-            let i = match flow {
-                MediaFlow::Both => 0,
-                MediaFlow::OneWay => 1,
-                MediaFlow::None => 2,
-            };
-            self.ended[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.ended[flow as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             metrics::counter!("sbc_call_media_total", "flow" => flow.label()).increment(1);
             if flow != MediaFlow::Both {
                 tracing::info!(
