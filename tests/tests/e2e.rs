@@ -8,6 +8,7 @@ use sbc_tests::pbx::{Pbx, PbxConfig};
 use sbc_tests::phone::{Phone, PhoneConfig};
 use sbc_tests::pki::TestPki;
 use sbc_tests::trunk::Trunk;
+use sbc_tests::ua::call_and_answer;
 use std::path::Path;
 use std::time::Duration;
 
@@ -138,17 +139,9 @@ async fn phone_calls_trunk_and_trunk_calls_natted_phone() {
 
     // bob -> trunk number 95551234.
     let trunk = &lab.trunk;
-    let (call, inc) = tokio::join!(bob.invite("sip:95551234@pbx.test"), async {
-        let inc = trunk
-            .wait_invite(Duration::from_secs(3))
-            .await
-            .expect("trunk gets INVITE");
-        let c = trunk.answer(&inc, 200).await.expect("answer");
-        (inc, c)
-    });
-    let call = call.expect("call");
+    let (call, inc, tcall) =
+        call_and_answer(&bob, "sip:95551234@pbx.test", Default::default(), trunk).await;
     assert_eq!(call.final_status, 200);
-    let (inc, tcall) = inc;
     assert_eq!(
         inc.from,
         lab.sbc.addr(Transport::Udp).expect("udp"),

@@ -141,6 +141,46 @@ async fn rtp_both_ways(a: &Ua, a_to: SocketAddr, b: &Ua, b_to: SocketAddr, n: u1
     assert_eq!(at_a, usize::from(n), "{what}: b -> a");
 }
 
+/// The lab of the B2BUA tests (see [`b2bua_lab`]).
+struct B2buaLab {
+    sbc: sbc::Sbc,
+    pbx: B2bua,
+    alice: Phone,
+    trunk: Trunk,
+    /// Free relay port pairs before any call.
+    ports_before: [usize; 2],
+}
+
+/// An SBC on [`config`] with a trunk at `trunk_ip` and relay `ports` (the config text passed
+/// through `edit`), a scripted B2BUA in front of the carrier (number prefix 9; with `anchor`
+/// it anchors media itself) that health has Up, alice registered, the trunk listening.
+async fn b2bua_lab(
+    trunk_ip: &str,
+    ports: (u16, u16),
+    edit: impl FnOnce(String) -> String,
+    anchor: bool,
+) -> B2buaLab {
+    let pbx_addr = free_udp("127.0.0.2");
+    let trunk_addr = free_udp(trunk_ip);
+    let sbc = start_sbc(&edit(config(pbx_addr, Some((trunk_ip, trunk_addr)), ports))).await;
+    let udp = sbc.addr(Transport::Udp).expect("udp");
+    let b2bua = B2buaConfig::new(pbx_addr, "pbx.test", udp)
+        .trunk("9", "carrier.test")
+        .anchor_media(anchor);
+    let pbx = B2bua::start(b2bua).await.expect("b2bua");
+    wait_node(&sbc, sbc_health::state::NodeState::Up).await;
+    let ports_before = free_ports(&sbc);
+    let alice = phone(&sbc, "alice", "").await;
+    let trunk = Trunk::start(trunk_addr, udp).await.expect("trunk");
+    B2buaLab {
+        sbc,
+        pbx,
+        alice,
+        trunk,
+        ports_before,
+    }
+}
+
 /// Alice calls the carrier's number and the trunk answers 200: alice's dialog, the INVITE
 /// the trunk got, and the trunk's dialog.
 async fn call_the_trunk(alice: &Ua, trunk: &Trunk) -> (Call, IncomingCall, Call) {
@@ -346,18 +386,13 @@ async fn proxied_call_outlives_kamailio() {
 /// is answered and carried to the other leg in its own terms.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bridged_call_outlives_the_b2bua() {
-    let pbx_addr = free_udp("127.0.0.2");
-    let trunk_addr = free_udp("127.0.0.61");
-    let cfg = config(pbx_addr, Some(("127.0.0.61", trunk_addr)), (21200, 21299));
-    let sbc = start_sbc(&cfg).await;
-    let udp = sbc.addr(Transport::Udp).expect("udp");
-    let pbx = B2bua::start(B2buaConfig::new(pbx_addr, "pbx.test", udp).trunk("9", "carrier.test"))
-        .await
-        .expect("b2bua");
-    wait_node(&sbc, sbc_health::state::NodeState::Up).await;
-    let ports_before = free_ports(&sbc);
-    let alice = phone(&sbc, "alice", "").await;
-    let trunk = Trunk::start(trunk_addr, udp).await.expect("trunk");
+    let B2buaLab {
+        sbc,
+        pbx,
+        alice,
+        trunk,
+        ports_before,
+    } = b2bua_lab("127.0.0.61", (21200, 21299), |c| c, false).await;
 
     let (mut call, inc, mut tcall) = call_the_trunk(&alice, &trunk).await;
     assert_eq!(call.final_status, 200);
@@ -478,20 +513,21 @@ async fn bridged_call_outlives_the_b2bua() {
 /// Here the first copy is lost; the second arrives T1 later; the ACK stops the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_200_to_a_refresh_for_a_dead_b2bua_is_retransmitted() {
-    let pbx_addr = free_udp("127.0.0.2");
-    let trunk_addr = free_udp("127.0.0.67");
     // Health never calls the node Down in this test: every refresh meets a live-looking
     // PBX first, and the SBC answers it only after the branch timeout.
-    let cfg = config(pbx_addr, Some(("127.0.0.67", trunk_addr)), (21400, 21499))
-        .replace("failures = 2", "failures = 100");
-    let sbc = start_sbc(&cfg).await;
-    let udp = sbc.addr(Transport::Udp).expect("udp");
-    let pbx = B2bua::start(B2buaConfig::new(pbx_addr, "pbx.test", udp).trunk("9", "carrier.test"))
-        .await
-        .expect("b2bua");
-    wait_node(&sbc, sbc_health::state::NodeState::Up).await;
-    let alice = phone(&sbc, "alice", "").await;
-    let trunk = Trunk::start(trunk_addr, udp).await.expect("trunk");
+    let B2buaLab {
+        sbc,
+        pbx,
+        alice,
+        trunk,
+        ..
+    } = b2bua_lab(
+        "127.0.0.67",
+        (21400, 21499),
+        |c| c.replace("failures = 2", "failures = 100"),
+        false,
+    )
+    .await;
     let (mut call, _, _tcall) = call_the_trunk(&alice, &trunk).await;
     let at_alice = call.remote_media().expect("SDP at alice");
     pbx.stop().await;
@@ -548,25 +584,24 @@ fn counter(name: &str) -> f64 {
 /// the call apart. Nothing is left over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn call_whose_pbx_anchors_media_is_ended_cleanly() {
-    let pbx_addr = free_udp("127.0.0.2");
-    let trunk_addr = free_udp("127.0.0.62");
-    let cfg = config(pbx_addr, Some(("127.0.0.62", trunk_addr)), (21300, 21399)).replace(
-        "timeout_secs = 60",
-        "timeout_secs = 60\nunsaveable_timeout_secs = 1",
-    );
-    let sbc = start_sbc(&cfg).await;
-    let udp = sbc.addr(Transport::Udp).expect("udp");
-    let pbx = B2bua::start(
-        B2buaConfig::new(pbx_addr, "pbx.test", udp)
-            .trunk("9", "carrier.test")
-            .anchor_media(true),
+    let B2buaLab {
+        sbc,
+        pbx,
+        alice,
+        trunk,
+        ports_before,
+    } = b2bua_lab(
+        "127.0.0.62",
+        (21300, 21399),
+        |c| {
+            c.replace(
+                "timeout_secs = 60",
+                "timeout_secs = 60\nunsaveable_timeout_secs = 1",
+            )
+        },
+        true,
     )
-    .await
-    .expect("b2bua");
-    wait_node(&sbc, sbc_health::state::NodeState::Up).await;
-    let ports_before = free_ports(&sbc);
-    let alice = phone(&sbc, "alice", "").await;
-    let trunk = Trunk::start(trunk_addr, udp).await.expect("trunk");
+    .await;
     let (call, _, tcall) = call_the_trunk(&alice, &trunk).await;
     assert_eq!(call.final_status, 200);
     let media = sbc.proxy.media().expect("media");
@@ -766,20 +801,20 @@ async fn drill(sbc: &sbc::Sbc, caller: &Ua, callee: &Ua, calls: &mut [Establishe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scale_100_bridged_calls_outlive_the_b2bua() {
-    let pbx_addr = free_udp("127.0.0.2");
-    let trunk_addr = free_udp("127.0.0.63");
     // One phone places every call: no per-source INVITE limit for this drill.
-    let cfg = config(pbx_addr, Some(("127.0.0.63", trunk_addr)), (22000, 23999))
-        + "[ratelimit]\nenabled = false\n";
-    let sbc = start_sbc(&cfg).await;
-    let udp = sbc.addr(Transport::Udp).expect("udp");
-    let pbx = B2bua::start(B2buaConfig::new(pbx_addr, "pbx.test", udp).trunk("9", "carrier.test"))
-        .await
-        .expect("b2bua");
-    wait_node(&sbc, sbc_health::state::NodeState::Up).await;
-    let ports_before = free_ports(&sbc);
-    let alice = phone(&sbc, "alice", "").await;
-    let trunk = Trunk::start(trunk_addr, udp).await.expect("trunk");
+    let B2buaLab {
+        sbc,
+        pbx,
+        alice,
+        trunk,
+        ports_before,
+    } = b2bua_lab(
+        "127.0.0.63",
+        (22000, 23999),
+        |c| c + "[ratelimit]\nenabled = false\n",
+        false,
+    )
+    .await;
     let mut calls = Vec::new();
     for n in 0..100 {
         let target = format!("sip:9555{n:04}@pbx.test");
